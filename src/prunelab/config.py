@@ -1,0 +1,170 @@
+"""Validation of a composed config, and of command-line overrides before Hydra sees them.
+
+Every check raises :class:`~prunelab.errors.ConfigError` with one line that names the key,
+what it holds, what was expected, and the override that fixes it.
+"""
+
+from __future__ import annotations
+
+import numbers
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from prunelab.errors import ConfigError
+
+CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+# Command-line flags of Hydra after which no composition happens (help, config printing).
+_INFO_FLAGS = ("--help", "-h", "--hydra-help", "--cfg", "-c", "--info", "-i", "--shell-completion")
+_LR_SCHEDULER_INTERVALS = ("step", "epoch")
+
+
+def _number(cfg: DictConfig, key: str) -> float:
+    value = OmegaConf.select(cfg, key)
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ConfigError(f"{key} must be a number, got {value!r}; e.g. {key}=0.01")
+    return float(value)
+
+
+def _positive(cfg: DictConfig, key: str, integer: bool = False) -> None:
+    value = OmegaConf.select(cfg, key)
+    if integer and (isinstance(value, bool) or not isinstance(value, int)):
+        raise ConfigError(f"{key} must be a positive integer, got {value!r}; e.g. {key}=10")
+    if _number(cfg, key) <= 0:
+        raise ConfigError(f"{key} must be > 0, got {value!r}; pass a positive value, e.g. {key}=10")
+
+
+def validate(cfg: DictConfig) -> None:
+    """Check a composed config; raise ConfigError with a one-line fix on the first mistake."""
+    for group in ("dataset", "model", "optimizer", "trainer", "pruning"):
+        if OmegaConf.select(cfg, group) is None:
+            raise ConfigError(f"config group '{group}' is empty; choose one, e.g. {group}=...")
+    seed = cfg.get("seed")
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ConfigError(f"seed must be a non-negative integer, got {seed!r}; e.g. seed=0")
+    sparsity = _number(cfg, "sparsity")
+    if not 0.0 <= sparsity < 1.0:
+        raise ConfigError(f"sparsity must be in [0, 1), got {sparsity}; e.g. sparsity=0.9")
+    _positive(cfg, "epochs", integer=True)
+    _positive(cfg, "optimizer.lr")
+    if OmegaConf.select(cfg, "optimizer.weight_decay") is not None:
+        wd = _number(cfg, "optimizer.weight_decay")
+        if wd < 0:
+            raise ConfigError(f"optimizer.weight_decay must be >= 0, got {wd}; e.g. 5e-4")
+    if OmegaConf.select(cfg, "optimizer.momentum") is not None:
+        momentum = _number(cfg, "optimizer.momentum")
+        if not 0 <= momentum < 1:
+            raise ConfigError(f"optimizer.momentum must be in [0, 1), got {momentum}")
+    _positive(cfg, "dataset.batch_size", integer=True)
+    if OmegaConf.select(cfg, "dataset.val_fraction") is not None:
+        val = _number(cfg, "dataset.val_fraction")
+        if not 0 <= val < 1:
+            raise ConfigError(f"dataset.val_fraction must be in [0, 1), got {val}; e.g. 0.1")
+    interval = OmegaConf.select(cfg, "lr_scheduler.interval", default="epoch")
+    if interval not in _LR_SCHEDULER_INTERVALS:
+        raise ConfigError(f"lr_scheduler.interval must be 'step' or 'epoch', got {interval!r}")
+    if cfg.get("test_ckpt") not in ("last", "best"):
+        raise ConfigError(f"test_ckpt must be 'last' or 'best', got {cfg.get('test_ckpt')!r}")
+
+
+def group_options(group: str, conf_dir: Path = CONF_DIR) -> list[str]:
+    """The options of a config group, from the yaml files in its folder."""
+    folder = conf_dir / group
+    return sorted(p.stem for p in folder.glob("*.yaml"))
+
+
+def config_groups(conf_dir: Path = CONF_DIR) -> list[str]:
+    """The config groups users choose from on the command line (top-level folders)."""
+    return sorted(
+        p.name for p in conf_dir.iterdir() if p.is_dir() and p.name not in ("hydra", "local")
+    )
+
+
+def _split_values(value: str) -> list[str]:
+    """The values of a sweep override ``a,b,c`` (or a single value)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    if "," not in value:
+        return [value]
+    parsed = OverridesParser.create().parse_override(f"x={value}")
+    if parsed.is_sweep_override():
+        return [str(v) for v in parsed.sweep_string_iterator()]
+    return [value]
+
+
+def check_overrides(argv: list[str], conf_dir: Path = CONF_DIR) -> None:
+    """Reject unknown config-group options and unknown keys before Hydra starts.
+
+    Hydra reports these itself, but over several lines and after its own start-up; checking
+    here gives one line that lists the valid choices.
+    """
+    if any(arg in _INFO_FLAGS for arg in argv):
+        return
+    overrides = [a for a in argv if not a.startswith("-") and "=" in a]
+    groups = config_groups(conf_dir)
+    plain: list[str] = []
+    for override in overrides:
+        key, _, value = override.partition("=")
+        if key.startswith(("hydra.", "hydra/", "+", "~")):
+            continue
+        name = key.lstrip("+")
+        if name in groups:
+            options = group_options(name, conf_dir)
+            for choice in _split_values(value):
+                if choice not in options and choice != "null":
+                    raise ConfigError(
+                        f"unknown {name} '{choice}'; choose one of: {', '.join(options)} "
+                        f"(e.g. {name}={options[0]})"
+                    )
+        else:
+            plain.append(name)
+    if plain:
+        _check_keys(overrides, plain, conf_dir)
+
+
+def _check_keys(overrides: list[str], keys: list[str], conf_dir: Path) -> None:
+    """Compose once with the group choices (first sweep value) and check every key exists."""
+    from hydra import compose, initialize_config_dir
+
+    groups = set(config_groups(conf_dir))
+    chosen = []
+    for override in overrides:
+        key, _, value = override.partition("=")
+        if key in groups:
+            chosen.append(f"{key}={_split_values(value)[0]}")
+    with initialize_config_dir(config_dir=str(conf_dir), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=chosen)
+    for key in keys:
+        parent, _, leaf = key.rpartition(".")
+        node: Any = OmegaConf.select(cfg, parent) if parent else cfg
+        if not isinstance(node, DictConfig) or leaf not in node:
+            raise ConfigError(
+                f"unknown config key '{key}'; see `python train.py --cfg job` for the keys, "
+                f"or add a new one with +{key}=..."
+            )
+
+
+def compose_config(overrides: list[str], output_dir: str | Path) -> DictConfig:
+    """Compose the root config outside a Hydra app (tests, benchmarks, scripts).
+
+    The result is what ``python train.py <overrides>`` would run, with its output directory
+    set to ``output_dir``; Hydra's own config is registered so that ``${hydra:...}`` and the
+    recorded choices work as in a real run.
+    """
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import open_dict
+
+    check_overrides(list(overrides))
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=list(overrides), return_hydra_config=True)
+    with open_dict(cfg):
+        cfg.hydra.runtime.output_dir = str(output_dir)
+        cfg.paths.output_dir = str(output_dir)
+    HydraConfig.instance().set_config(cfg)
+    with open_dict(cfg):
+        del cfg.hydra
+    return cfg

@@ -1,0 +1,35 @@
+"""The one place that names the files a run writes.
+
+Every reader and writer of run artefacts asks this module for the path, so a rename is a
+one-line change and tables built from old runs keep finding their inputs.
+"""
+
+from pathlib import Path
+
+RESULTS = "results.json"
+CHECKPOINT_DIR = "checkpoints"
+LAST_CHECKPOINT = "last.ckpt"
+CSV_DIR = "csv"
+METRICS_CSV = "metrics.csv"
+WANDB_DIR = "wandb"
+HYDRA_DIR = ".hydra"
+
+
+def results_path(run_dir: str | Path) -> Path:
+    """The results record of a run."""
+    return Path(run_dir) / RESULTS
+
+
+def checkpoint_dir(run_dir: str | Path) -> Path:
+    """Where Lightning checkpoints of a run go."""
+    return Path(run_dir) / CHECKPOINT_DIR
+
+
+def last_checkpoint(run_dir: str | Path) -> Path:
+    """The checkpoint written at the end of every epoch (used to resume)."""
+    return checkpoint_dir(run_dir) / LAST_CHECKPOINT
+
+
+def csv_metrics(run_dir: str | Path) -> Path:
+    """The CSV log of every logged metric of a run."""
+    return Path(run_dir) / CSV_DIR / METRICS_CSV

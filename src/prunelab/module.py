@@ -1,0 +1,131 @@
+"""The Lightning module: loss, metrics, optimizer set-up.
+
+Training metrics are accumulated as tensors on the device and logged once per epoch (and the
+loss every ``log_every_n_steps``), so the per-step work outside forward, backward and the
+optimizer step stays close to nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchmetrics import MaxMetric, MeanMetric, MetricCollection
+from torchmetrics.classification import MulticlassAccuracy
+
+
+def _accuracy_metrics(num_classes: int) -> MetricCollection:
+    metrics: dict[str, Any] = {"acc": MulticlassAccuracy(num_classes, average="micro")}
+    if num_classes > 5:
+        metrics["acc_top5"] = MulticlassAccuracy(num_classes, top_k=5, average="micro")
+    return MetricCollection(metrics)
+
+
+class ClassificationModule(pl.LightningModule):
+    """Cross-entropy classification with top-1 (and top-5) accuracy per stage."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        num_classes: int,
+        optimizer: Callable[..., torch.optim.Optimizer],
+        scheduler: Callable[..., Any] | None = None,
+        scheduler_interval: str = "epoch",
+        log_every_n_steps: int = 50,
+    ) -> None:
+        super().__init__()
+        self.model = model
+        self.num_classes = num_classes
+        self._optimizer_factory = optimizer
+        self._scheduler_factory = scheduler
+        self._scheduler_interval = scheduler_interval
+        self._log_every = max(1, int(log_every_n_steps))
+        metrics = _accuracy_metrics(num_classes)
+        self.val_metrics = metrics.clone(prefix="val/")
+        self.test_metrics = metrics.clone(prefix="test/")
+        self.val_loss = MeanMetric()
+        self.test_loss = MeanMetric()
+        self.val_acc_best = MaxMetric()
+        self._train_loss_sum = torch.zeros(())
+        self._train_correct = torch.zeros((), dtype=torch.long)
+        self._train_seen = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+    # -- training ---------------------------------------------------------------------------
+    def on_train_epoch_start(self) -> None:
+        self._train_loss_sum = torch.zeros((), device=self.device)
+        self._train_correct = torch.zeros((), dtype=torch.long, device=self.device)
+        self._train_seen = 0
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int):
+        x, y = batch
+        logits = self.model(x)
+        loss = F.cross_entropy(logits, y)
+        with torch.no_grad():
+            self._train_loss_sum += loss.detach() * y.shape[0]
+            self._train_correct += (logits.argmax(dim=1) == y).sum()
+        self._train_seen += y.shape[0]
+        if self.global_step % self._log_every == 0:
+            self.log("train/loss_step", loss.detach(), on_step=True, on_epoch=False)
+        return loss
+
+    def on_train_epoch_end(self) -> None:
+        if self._train_seen == 0:
+            return
+        seen = float(self._train_seen)
+        self.log("train/loss", self._train_loss_sum / seen, on_epoch=True, sync_dist=True)
+        self.log("train/acc", self._train_correct.float() / seen, on_epoch=True, sync_dist=True)
+
+    # -- evaluation -------------------------------------------------------------------------
+    def _eval_step(self, batch, metrics: MetricCollection, loss_metric: MeanMetric) -> None:
+        x, y = batch
+        logits = self.model(x)
+        loss_metric.update(F.cross_entropy(logits, y), weight=y.shape[0])
+        metrics.update(logits, y)
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        self._eval_step(batch, self.val_metrics, self.val_loss)
+
+    def on_validation_epoch_end(self) -> None:
+        values = self.val_metrics.compute()
+        self.val_acc_best.update(values["val/acc"])
+        self.log_dict(values, prog_bar=False)
+        self.log("val/loss", self.val_loss.compute())
+        self.log("val/acc_best", self.val_acc_best.compute(), prog_bar=True)
+        self.val_metrics.reset()
+        self.val_loss.reset()
+
+    def test_step(self, batch, batch_idx: int) -> None:
+        self._eval_step(batch, self.test_metrics, self.test_loss)
+
+    def on_test_epoch_end(self) -> None:
+        self.log_dict(self.test_metrics.compute())
+        self.log("test/loss", self.test_loss.compute())
+        self.test_metrics.reset()
+        self.test_loss.reset()
+
+    # -- optimisation -----------------------------------------------------------------------
+    def configure_optimizers(self):
+        optimizer = self._optimizer_factory(params=self.model.parameters())
+        if self._scheduler_factory is None:
+            return optimizer
+        kwargs: dict[str, Any] = {}
+        target = getattr(self._scheduler_factory, "func", self._scheduler_factory)
+        if target is torch.optim.lr_scheduler.CosineAnnealingLR and "T_max" not in getattr(
+            self._scheduler_factory, "keywords", {}
+        ):
+            total = self.trainer.estimated_stepping_batches
+            if self._scheduler_interval == "epoch":
+                total = self.trainer.max_epochs
+            kwargs["T_max"] = max(1, int(total))
+        scheduler = self._scheduler_factory(optimizer=optimizer, **kwargs)
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": self._scheduler_interval},
+        }

@@ -1,0 +1,102 @@
+"""Weights & Biases that never stops a run.
+
+``auto`` mode goes online only when an API key is configured and the W&B server answers
+within two seconds; otherwise the run logs offline (``make wandb-sync`` uploads it later).
+An explicit ``WANDB_MODE`` in the environment always wins.
+"""
+
+from __future__ import annotations
+
+import logging
+import netrc
+import os
+import socket
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+log = logging.getLogger(__name__)
+
+MODES = ("auto", "online", "offline", "disabled")
+DEFAULT_HOST = "https://api.wandb.ai"
+
+
+def _host() -> str:
+    return os.environ.get("WANDB_BASE_URL", DEFAULT_HOST)
+
+
+def has_api_key() -> bool:
+    """True when an API key is set in the environment or in ~/.netrc for the W&B host."""
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    hostname = urlparse(_host()).hostname or ""
+    try:
+        return netrc.netrc().authenticators(hostname) is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
+
+
+def server_reachable(timeout_s: float = 2.0) -> bool:
+    """True when a TCP connection to the W&B host opens within ``timeout_s``."""
+    url = urlparse(_host())
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        with socket.create_connection((url.hostname or "", port), timeout=timeout_s):
+            return True
+    except OSError:
+        return False
+
+
+def resolve_mode(requested: str) -> str:
+    """The W&B mode a run will use: the environment's, the requested one, or auto-detected."""
+    env = os.environ.get("WANDB_MODE")
+    if env:
+        return env
+    if requested != "auto":
+        return requested
+    if not has_api_key():
+        log.info("W&B: no API key configured, logging offline")
+        return "offline"
+    if not server_reachable():
+        log.info("W&B: server not reachable, logging offline")
+        return "offline"
+    return "online"
+
+
+def make_wandb_logger(
+    wandb_cfg: dict[str, Any], run_dir: Path, name: str, tags: list[str], config: dict[str, Any]
+):
+    """A Lightning WandbLogger writing under ``run_dir``, or None when W&B is disabled."""
+    if not wandb_cfg.get("enabled", True):
+        return None
+    mode = resolve_mode(str(wandb_cfg.get("mode", "auto")))
+    if mode == "disabled":
+        return None
+    import wandb
+    from pytorch_lightning.loggers import WandbLogger
+
+    os.environ.setdefault("WANDB_SILENT", "true")
+    save_dir = run_dir
+    save_dir.mkdir(parents=True, exist_ok=True)
+    return WandbLogger(
+        project=wandb_cfg.get("project", "prunelab"),
+        entity=wandb_cfg.get("entity"),
+        group=wandb_cfg.get("group"),
+        name=name,
+        tags=[str(t) for t in tags],
+        save_dir=str(save_dir),
+        mode=mode,
+        config=config,
+        settings=wandb.Settings(init_timeout=60, console="off", x_disable_stats=True),
+    )
+
+
+def finish() -> None:
+    """Close the current W&B run if there is one (safe to call always)."""
+    try:
+        import wandb
+
+        if wandb.run is not None:
+            wandb.finish()
+    except Exception as err:  # never let W&B shutdown hide the run's own outcome
+        log.warning("W&B finish failed: %s", err)

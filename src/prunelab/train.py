@@ -1,0 +1,209 @@
+"""compose -> validate -> build -> fit -> test -> record.
+
+:func:`main` is the console entry (``python train.py``): it checks the command line, then
+hands over to Hydra, which calls :func:`train` with the composed config once per job.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from prunelab import files
+from prunelab.config import CONF_DIR, check_overrides, validate
+from prunelab.errors import ConfigError
+from prunelab.tracking import wandb_setup
+from prunelab.tracking.results import RunRecord
+from prunelab.tracking.summary import print_summary
+
+log = logging.getLogger(__name__)
+
+
+def _is_multirun() -> bool:
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        return HydraConfig.get().mode == RunMode.MULTIRUN
+    except Exception:
+        return False
+
+
+def _choices() -> dict[str, str]:
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        return {k: str(v) for k, v in HydraConfig.get().runtime.choices.items()}
+    except Exception:
+        return {}
+
+
+def build(cfg: DictConfig) -> dict[str, Any]:
+    """Instantiate the datamodule, model, Lightning module (and check the data is there)."""
+    from prunelab.models import prunable_parameters
+    from prunelab.module import ClassificationModule
+
+    datamodule = hydra.utils.instantiate(cfg.dataset)
+    datamodule.check_available()
+    model = hydra.utils.instantiate(
+        cfg.model, input_shape=tuple(datamodule.input_shape), num_classes=datamodule.num_classes
+    )
+    scheduler_cfg = cfg.lr_scheduler.get("scheduler") if cfg.get("lr_scheduler") else None
+    module = ClassificationModule(
+        model=model,
+        num_classes=datamodule.num_classes,
+        optimizer=hydra.utils.instantiate(cfg.optimizer),
+        scheduler=hydra.utils.instantiate(scheduler_cfg) if scheduler_cfg else None,
+        scheduler_interval=cfg.lr_scheduler.get("interval", "epoch"),
+        log_every_n_steps=cfg.trainer.get("log_every_n_steps", 50),
+    )
+    return {
+        "datamodule": datamodule,
+        "model": model,
+        "module": module,
+        "prunable": prunable_parameters(model),
+    }
+
+
+def _loggers(cfg: DictConfig, run_dir: Path, config: dict[str, Any], name: str) -> list:
+    from pytorch_lightning.loggers import CSVLogger
+
+    loggers: list = []
+    if cfg.logger.get("csv", {}).get("enabled", True):
+        loggers.append(CSVLogger(save_dir=str(run_dir), name=files.CSV_DIR, version=""))
+    wandb_logger = wandb_setup.make_wandb_logger(
+        OmegaConf.to_container(cfg.logger.wandb, resolve=True),
+        run_dir,
+        name=name,
+        tags=list(cfg.get("tags", [])),
+        config=config,
+    )
+    if wandb_logger is not None:
+        loggers.append(wandb_logger)
+    return loggers
+
+
+def _layer_sparsity(prunable: dict) -> dict[str, Any]:
+    import torch
+
+    per_layer, zeros, total = {}, 0, 0
+    with torch.no_grad():
+        for name, param in prunable.items():
+            z = int((param == 0).sum())
+            per_layer[name] = round(z / param.numel(), 6)
+            zeros += z
+            total += param.numel()
+    return {"global": round(zeros / max(total, 1), 6), "layers": per_layer}
+
+
+def _scalar_metrics(metrics: dict[str, Any]) -> dict[str, float]:
+    out = {}
+    for key, value in metrics.items():
+        try:
+            out[key] = round(float(value), 6)
+        except (TypeError, ValueError):
+            continue
+    return out
+
+
+def train(cfg: DictConfig, callbacks: list | None = None) -> dict[str, Any]:
+    """Run one training job described by ``cfg``; return its results record.
+
+    ``callbacks`` are extra Lightning callbacks (benchmarks add a timer).
+
+    Raises ConfigError (one line) for any mistake found before training starts.
+    """
+    import pytorch_lightning as pl
+    from pytorch_lightning.callbacks import ModelCheckpoint, RichProgressBar
+
+    validate(cfg)
+    run_dir = Path(cfg.paths.output_dir)
+    config = OmegaConf.to_container(cfg, resolve=True)
+    record = RunRecord(run_dir, config, seed=int(cfg.seed))
+    try:
+        pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
+        built = build(cfg)
+        choices = _choices()
+        method = str(cfg.pruning.get("name", choices.get("pruning", "dense")))
+        name = f"{choices.get('dataset', 'data')}-{choices.get('model', 'model')}-{method}"
+        record.update(
+            choices=choices,
+            n_params=sum(p.numel() for p in built["model"].parameters()),
+            n_prunable=sum(p.numel() for p in built["prunable"].values()),
+        )
+        checkpoint = ModelCheckpoint(
+            dirpath=str(files.checkpoint_dir(run_dir)),
+            filename="best",
+            monitor="val/acc",
+            mode="max",
+            save_last=True,
+        )
+        progress = []
+        if cfg.trainer.get("enable_progress_bar", True):
+            progress.append(RichProgressBar(refresh_rate=10, leave=True))
+        trainer = hydra.utils.instantiate(
+            cfg.trainer,
+            logger=_loggers(cfg, run_dir, config, name),
+            callbacks=[checkpoint, *progress, *(callbacks or [])],
+            default_root_dir=str(run_dir),
+        )
+        start = time.time()
+        trainer.fit(built["module"], datamodule=built["datamodule"], ckpt_path=cfg.get("ckpt_path"))
+        fit_s = time.time() - start
+        best_val = trainer.callback_metrics.get("val/acc_best")
+        test_ckpt = "best" if cfg.test_ckpt == "best" and checkpoint.best_model_path else None
+        test = trainer.test(built["module"], datamodule=built["datamodule"], ckpt_path=test_ckpt)
+        metrics = _scalar_metrics({**trainer.callback_metrics, **(test[0] if test else {})})
+        if best_val is not None:
+            metrics["val/acc_best"] = round(float(best_val), 6)
+        record.complete(
+            metrics=metrics,
+            sparsity=_layer_sparsity(built["prunable"]),
+            fit_time_s=round(fit_s, 3),
+            epochs_completed=int(trainer.current_epoch),
+            global_step=int(trainer.global_step),
+            checkpoint=str(files.last_checkpoint(run_dir)),
+        )
+        print_summary(record.data)
+        return record.data
+    except BaseException as err:
+        record.fail(err)
+        raise
+    finally:
+        wandb_setup.finish()
+
+
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")
+def _hydra_main(cfg: DictConfig) -> float | None:
+    try:
+        result = train(cfg)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        if _is_multirun():  # one bad cell must not stop the sweep
+            return None
+        sys.exit(2)
+    except Exception:
+        if _is_multirun():
+            log.exception("job failed; the sweep goes on")
+            return None
+        raise
+    metric = cfg.get("optimized_metric")
+    return result["metrics"].get(metric) if metric else None
+
+
+def main() -> None:
+    """Console entry: check the command line, then run the Hydra app."""
+    os.environ.setdefault("PROJECT_ROOT", str(CONF_DIR.parent))
+    try:
+        check_overrides(sys.argv[1:])
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    _hydra_main()

@@ -1,0 +1,120 @@
+"""The real Hydra config, composed and fitted for a few steps."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from prunelab import files
+from prunelab.errors import ConfigError
+from prunelab.train import train
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_default_run_writes_completed_record(compose_cfg, tmp_path):
+    record = train(compose_cfg())
+    on_disk = json.loads(files.results_path(tmp_path / "run").read_text())
+    assert on_disk["status"] == "completed" == record["status"]
+    for key in ("test/acc", "test/loss", "val/acc_best", "val/acc", "train/loss"):
+        assert key in on_disk["metrics"], key
+    assert 0.0 <= on_disk["metrics"]["test/acc"] <= 1.0
+    assert on_disk["sparsity"]["global"] == 0.0
+    assert set(on_disk["sparsity"]["layers"]) == {"layers.0.weight", "layers.1.weight", "head.weight"}
+    assert on_disk["choices"]["dataset"] == "mnist1d" and on_disk["choices"]["model"] == "mlp"
+    assert len(on_disk["config_hash"]) == 12 and on_disk["seed"] == 0
+    assert on_disk["config"]["optimizer"]["lr"] > 0
+    assert files.csv_metrics(tmp_path / "run").exists()
+    assert files.last_checkpoint(tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ("model=mnist1d_cnn",),
+        ("dataset=digits", "model=conv6"),
+        ("dataset=digits", "model=conv4", "optimizer=sgd", "lr=0.05", "lr_scheduler=cosine"),
+        ("dataset=digits", "model=resnet20", "optimizer=adamw", "lr_scheduler=multistep"),
+    ],
+)
+def test_models_and_datasets_fit(compose_cfg, overrides):
+    record = train(compose_cfg(*overrides))
+    assert record["status"] == "completed"
+    assert record["metrics"]["test/acc"] >= 0.0
+
+
+def test_config_hash_shared_across_seeds(compose_cfg, tmp_path):
+    a = train(compose_cfg("seed=1", run_dir=tmp_path / "a"))
+    b = train(compose_cfg("seed=2", run_dir=tmp_path / "b"))
+    c = train(compose_cfg("seed=1", "lr=0.002", run_dir=tmp_path / "c"))
+    assert a["config_hash"] == b["config_hash"] != c["config_hash"]
+
+
+def test_model_dataset_mismatch_is_a_config_error(compose_cfg, tmp_path):
+    with pytest.raises(ConfigError) as err:
+        train(compose_cfg("model=resnet20"))
+    assert "\n" not in str(err.value)
+    record = json.loads(files.results_path(tmp_path / "run").read_text())
+    assert record["status"] == "failed"
+
+
+def _cli(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONPATH": str(ROOT / "src")}
+    return subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def _error_line(proc: subprocess.CompletedProcess) -> str:
+    lines = [ln for ln in proc.stderr.strip().splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1, proc.stderr
+    return lines[0]
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (("model=resnet99",), "unknown model 'resnet99'"),
+        (("sparsit=0.9",), "unknown config key 'sparsit'"),
+        (("optimizer.lr=-0.1",), "optimizer.lr must be > 0"),
+        (("epochs=abc",), "epochs must be a positive integer"),
+        (("model=resnet20",), "needs image inputs"),
+        (
+            ("dataset=fashion_mnist", "dataset.system_dir=/nonexistent", "dataset.download=false"),
+            "dataset-fashion-mnist",
+        ),
+    ],
+)
+def test_cli_bad_input_exits_nonzero_with_one_line(tmp_path, args, needle):
+    proc = _cli(*args, f"paths.log_dir={tmp_path}", f"paths.data_dir={tmp_path / 'data'}")
+    assert proc.returncode != 0
+    assert needle in _error_line(proc)
+    for path in tmp_path.rglob(files.RESULTS):
+        assert json.loads(path.read_text())["status"] != "completed"
+
+
+def test_cli_help_lists_groups():
+    proc = _cli("--help")
+    assert proc.returncode == 0
+    for group in ("dataset", "model", "pruning", "optimizer", "lr_scheduler", "trainer"):
+        assert f"{group}:" in proc.stdout
+
+
+def test_cli_debug_run_completes_with_offline_wandb(tmp_path):
+    proc = _cli("debug=fast", "logger.wandb.enabled=true", f"paths.log_dir={tmp_path}")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (record_path,) = list(tmp_path.rglob(files.RESULTS))
+    record = json.loads(record_path.read_text())
+    assert record["status"] == "completed"
+    assert list(record_path.parent.rglob("offline-run-*")), "W&B did not log offline"
+    assert "test accuracy" in proc.stdout

@@ -1,0 +1,75 @@
+import pytest
+from omegaconf import OmegaConf
+
+from prunelab.config import check_overrides, config_groups, group_options, validate
+from prunelab.errors import ConfigError
+
+
+def _one_line(err: pytest.ExceptionInfo) -> str:
+    msg = str(err.value)
+    assert "\n" not in msg
+    return msg
+
+
+def test_groups_are_listed():
+    groups = config_groups()
+    for g in ("dataset", "model", "pruning", "optimizer", "lr_scheduler", "trainer", "logger"):
+        assert g in groups
+    assert "hydra" not in groups
+    assert "mlp" in group_options("model")
+
+
+def test_unknown_group_option_is_one_line_with_choices():
+    with pytest.raises(ConfigError) as err:
+        check_overrides(["model=resnet99"])
+    msg = _one_line(err)
+    assert "resnet99" in msg and "mlp" in msg
+
+
+def test_unknown_option_inside_a_sweep_list():
+    with pytest.raises(ConfigError):
+        check_overrides(["-m", "model=mlp,nope", "seed=0,1"])
+    check_overrides(["-m", "model=mlp,lenet300_100", "seed=0,1"])
+
+
+def test_unknown_key_is_one_line():
+    with pytest.raises(ConfigError) as err:
+        check_overrides(["sparsit=0.9"])
+    assert "sparsit" in _one_line(err)
+    with pytest.raises(ConfigError):
+        check_overrides(["optimizer.momentum=0.9"])  # adam has no momentum
+    check_overrides(["optimizer=sgd", "optimizer.momentum=0.5", "sparsity=0.8"])
+    check_overrides(["+extra=1", "--help"])
+
+
+@pytest.mark.parametrize(
+    ("override", "needle"),
+    [
+        ("optimizer.lr=-0.1", "optimizer.lr"),
+        ("optimizer.lr=abc", "optimizer.lr"),
+        ("sparsity=1.0", "sparsity"),
+        ("sparsity=-0.5", "sparsity"),
+        ("epochs=0", "epochs"),
+        ("epochs=2.5", "epochs"),
+        ("seed=-1", "seed"),
+        ("dataset.batch_size=0", "batch_size"),
+        ("optimizer.weight_decay=-1", "weight_decay"),
+        ("test_ckpt=middle", "test_ckpt"),
+    ],
+)
+def test_validate_rejects_bad_values(compose_cfg, override, needle):
+    cfg = compose_cfg(override)
+    with pytest.raises(ConfigError) as err:
+        validate(cfg)
+    assert needle in _one_line(err)
+
+
+def test_validate_accepts_defaults(compose_cfg):
+    validate(compose_cfg())
+    validate(compose_cfg("optimizer=sgd", "lr_scheduler=cosine", "model=mnist1d_cnn"))
+
+
+def test_validate_rejects_empty_group():
+    cfg = OmegaConf.create({"dataset": None})
+    with pytest.raises(ConfigError):
+        validate(cfg)
