@@ -20,7 +20,11 @@ FAST = (
     "trainer.limit_val_batches=2",
     "trainer.limit_test_batches=2",
 )
-QUIET = ("logger.wandb.enabled=false", "trainer.accelerator=cpu", "trainer.enable_progress_bar=false")
+QUIET = (
+    "logger.wandb.enabled=false",
+    "trainer.accelerator=cpu",
+    "trainer.enable_progress_bar=false",
+)
 
 
 @pytest.fixture

@@ -20,7 +20,7 @@ from prunelab import files
 from prunelab.config import CONF_DIR, check_overrides, validate
 from prunelab.errors import ConfigError
 from prunelab.tracking import wandb_setup
-from prunelab.tracking.results import RunRecord
+from prunelab.tracking.results import RunRecord, config_hash
 from prunelab.tracking.summary import print_summary
 
 log = logging.getLogger(__name__)
@@ -45,14 +45,29 @@ def _choices() -> dict[str, str]:
         return {}
 
 
+def _instantiate(node: Any, **kwargs: Any) -> Any:
+    """``hydra.utils.instantiate`` that lets a ConfigError from a constructor through as is."""
+    from hydra.errors import InstantiationException
+
+    try:
+        return hydra.utils.instantiate(node, **kwargs)
+    except InstantiationException as err:
+        cause = err.__cause__
+        while cause is not None and not isinstance(cause, ConfigError):
+            cause = cause.__cause__
+        if isinstance(cause, ConfigError):
+            raise cause from None
+        raise
+
+
 def build(cfg: DictConfig) -> dict[str, Any]:
     """Instantiate the datamodule, model, Lightning module (and check the data is there)."""
     from prunelab.models import prunable_parameters
     from prunelab.module import ClassificationModule
 
-    datamodule = hydra.utils.instantiate(cfg.dataset)
+    datamodule = _instantiate(cfg.dataset)
     datamodule.check_available()
-    model = hydra.utils.instantiate(
+    model = _instantiate(
         cfg.model, input_shape=tuple(datamodule.input_shape), num_classes=datamodule.num_classes
     )
     scheduler_cfg = cfg.lr_scheduler.get("scheduler") if cfg.get("lr_scheduler") else None
@@ -126,7 +141,14 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> dict[str, Any]:
     validate(cfg)
     run_dir = Path(cfg.paths.output_dir)
     config = OmegaConf.to_container(cfg, resolve=True)
-    record = RunRecord(run_dir, config, seed=int(cfg.seed))
+    # Hash the config as written (interpolations such as dataset.seed=${seed} unresolved),
+    # so that seeds and machines do not change an experiment cell's name.
+    record = RunRecord(
+        run_dir,
+        config,
+        seed=int(cfg.seed),
+        config_hash=config_hash(OmegaConf.to_container(cfg, resolve=False)),
+    )
     try:
         pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
         built = build(cfg)
@@ -157,12 +179,10 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> dict[str, Any]:
         start = time.time()
         trainer.fit(built["module"], datamodule=built["datamodule"], ckpt_path=cfg.get("ckpt_path"))
         fit_s = time.time() - start
-        best_val = trainer.callback_metrics.get("val/acc_best")
+        fit_metrics = dict(trainer.callback_metrics)
         test_ckpt = "best" if cfg.test_ckpt == "best" and checkpoint.best_model_path else None
         test = trainer.test(built["module"], datamodule=built["datamodule"], ckpt_path=test_ckpt)
-        metrics = _scalar_metrics({**trainer.callback_metrics, **(test[0] if test else {})})
-        if best_val is not None:
-            metrics["val/acc_best"] = round(float(best_val), 6)
+        metrics = _scalar_metrics({**fit_metrics, **(test[0] if test else {})})
         record.complete(
             metrics=metrics,
             sparsity=_layer_sparsity(built["prunable"]),

@@ -25,7 +25,11 @@ def test_default_run_writes_completed_record(compose_cfg, tmp_path):
         assert key in on_disk["metrics"], key
     assert 0.0 <= on_disk["metrics"]["test/acc"] <= 1.0
     assert on_disk["sparsity"]["global"] == 0.0
-    assert set(on_disk["sparsity"]["layers"]) == {"layers.0.weight", "layers.1.weight", "head.weight"}
+    assert set(on_disk["sparsity"]["layers"]) == {
+        "layers.0.weight",
+        "layers.1.weight",
+        "head.weight",
+    }
     assert on_disk["choices"]["dataset"] == "mnist1d" and on_disk["choices"]["model"] == "mlp"
     assert len(on_disk["config_hash"]) == 12 and on_disk["seed"] == 0
     assert on_disk["config"]["optimizer"]["lr"] > 0

@@ -71,6 +71,9 @@ def config_hash(config: dict[str, Any]) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()[:12]
 
 
+_hash = config_hash
+
+
 def package_versions() -> dict[str, str]:
     """Versions of the packages that decide a run's numbers, plus Python's."""
     versions = {"python": platform.python_version()}
@@ -94,13 +97,15 @@ def read_record(run_dir: str | Path) -> dict[str, Any] | None:
 class RunRecord:
     """The results record of one run, kept in memory and flushed atomically to disk."""
 
-    def __init__(self, run_dir: str | Path, config: dict[str, Any], seed: int) -> None:
+    def __init__(
+        self, run_dir: str | Path, config: dict[str, Any], seed: int, config_hash: str | None = None
+    ) -> None:
         self.path = files.results_path(run_dir)
         self._start = time.time()
         self.data: dict[str, Any] = {
             "status": "running",
             "run_dir": str(Path(run_dir)),
-            "config_hash": config_hash(config),
+            "config_hash": config_hash or _hash(config),
             "seed": seed,
             "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(self._start)),
             "config": config,
