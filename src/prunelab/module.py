@@ -1,4 +1,5 @@
-"""The Lightning module: loss, metrics, optimizer set-up.
+"""The Lightning module: loss, metrics, optimizer set-up, and the hooks that drive the
+sparsity engine (the one place where pruning meets Lightning).
 
 Training metrics are accumulated as tensors on the device and logged once per epoch (and the
 loss every ``log_every_n_steps``), so the per-step work outside forward, backward and the
@@ -16,6 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 from torchmetrics import MaxMetric, MeanMetric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
+
+from prunelab.sparsity.engine import SparsityEngine
 
 
 def _accuracy_metrics(num_classes: int) -> MetricCollection:
@@ -36,9 +39,11 @@ class ClassificationModule(pl.LightningModule):
         scheduler: Callable[..., Any] | None = None,
         scheduler_interval: str = "epoch",
         log_every_n_steps: int = 50,
+        engine: SparsityEngine | None = None,
     ) -> None:
         super().__init__()
         self.model = model
+        self.engine = engine
         self.num_classes = num_classes
         self._optimizer_factory = optimizer
         self._scheduler_factory = scheduler
@@ -56,6 +61,48 @@ class ClassificationModule(pl.LightningModule):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
+
+    # -- sparsity engine --------------------------------------------------------------------
+    def on_train_start(self) -> None:
+        """Size the schedules to this run and decide the initial masks (unless resumed)."""
+        if self.engine is None:
+            return
+        total = int(self.trainer.estimated_stepping_batches)
+        per_epoch = max(1, total // max(1, int(self.trainer.max_epochs or 1)))
+        self.engine.setup(total_steps=total, steps_per_epoch=per_epoch)
+        if not self.engine.initialized:
+            datamodule = self.trainer.datamodule
+            self.engine.initialize(
+                batches=(lambda: iter(datamodule.train_dataloader())) if datamodule else None,
+                loss_fn=F.cross_entropy,
+            )
+        self._log_engine(force_layers=True)
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Dense gradients are here (accumulated, unscaled, DDP-reduced): update the masks on
+        update steps, then mask the gradients."""
+        if self.engine is not None and self.engine.before_optimizer_step(
+            self.global_step, optimizer
+        ):
+            self._log_engine(force_layers=True)
+
+    def _log_engine(self, force_layers: bool = False) -> None:
+        if self.engine is None or not self.engine.active or not self.engine.last_stats:
+            return
+        stats = {k: v for k, v in self.engine.last_stats.items() if k != "step"}
+        if force_layers and self.engine.masks is not None:
+            for name, value in self.engine.masks.layer_sparsity().items():
+                stats[f"sparsity/{name}"] = value
+        for logger in self.loggers:
+            logger.log_metrics(stats, step=self.global_step)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.engine is not None:
+            checkpoint["sparsity_engine"] = self.engine.state_dict()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.engine is not None and "sparsity_engine" in checkpoint:
+            self.engine.load_state_dict(checkpoint["sparsity_engine"])
 
     # -- training ---------------------------------------------------------------------------
     def on_train_epoch_start(self) -> None:
@@ -113,6 +160,8 @@ class ClassificationModule(pl.LightningModule):
     # -- optimisation -----------------------------------------------------------------------
     def configure_optimizers(self):
         optimizer = self._optimizer_factory(params=self.model.parameters())
+        if self.engine is not None:
+            self.engine.attach(optimizer)  # re-mask after every optimizer step
         if self._scheduler_factory is None:
             return optimizer
         kwargs: dict[str, Any] = {}

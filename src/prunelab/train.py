@@ -62,14 +62,26 @@ def _instantiate(node: Any, **kwargs: Any) -> Any:
 
 def build(cfg: DictConfig) -> dict[str, Any]:
     """Instantiate the datamodule, model, Lightning module (and check the data is there)."""
+    from prunelab.methods import build_method
     from prunelab.models import prunable_parameters
     from prunelab.module import ClassificationModule
+    from prunelab.sparsity.engine import SparsityEngine
 
     datamodule = _instantiate(cfg.dataset)
     datamodule.check_available()
     model = _instantiate(
         cfg.model, input_shape=tuple(datamodule.input_shape), num_classes=datamodule.num_classes
     )
+    pruning = OmegaConf.to_container(cfg.pruning, resolve=True)
+    method = build_method(
+        str(pruning.pop("name")),
+        float(cfg.sparsity),
+        distribution=OmegaConf.to_container(cfg.distribution, resolve=True),
+        schedule=OmegaConf.to_container(cfg.schedule, resolve=True),
+        **pruning,
+    )
+    prunable = prunable_parameters(model)
+    engine = SparsityEngine(model, prunable, method, seed=int(cfg.seed))
     scheduler_cfg = cfg.lr_scheduler.get("scheduler") if cfg.get("lr_scheduler") else None
     module = ClassificationModule(
         model=model,
@@ -78,12 +90,14 @@ def build(cfg: DictConfig) -> dict[str, Any]:
         scheduler=hydra.utils.instantiate(scheduler_cfg) if scheduler_cfg else None,
         scheduler_interval=cfg.lr_scheduler.get("interval", "epoch"),
         log_every_n_steps=cfg.trainer.get("log_every_n_steps", 50),
+        engine=engine,
     )
     return {
         "datamodule": datamodule,
         "model": model,
         "module": module,
-        "prunable": prunable_parameters(model),
+        "engine": engine,
+        "prunable": prunable,
     }
 
 
@@ -103,19 +117,6 @@ def _loggers(cfg: DictConfig, run_dir: Path, config: dict[str, Any], name: str) 
     if wandb_logger is not None:
         loggers.append(wandb_logger)
     return loggers
-
-
-def _layer_sparsity(prunable: dict) -> dict[str, Any]:
-    import torch
-
-    per_layer, zeros, total = {}, 0, 0
-    with torch.no_grad():
-        for name, param in prunable.items():
-            z = int((param == 0).sum())
-            per_layer[name] = round(z / param.numel(), 6)
-            zeros += z
-            total += param.numel()
-    return {"global": round(zeros / max(total, 1), 6), "layers": per_layer}
 
 
 def _scalar_metrics(metrics: dict[str, Any]) -> dict[str, float]:
@@ -185,7 +186,11 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> dict[str, Any]:
         metrics = _scalar_metrics({**fit_metrics, **(test[0] if test else {})})
         record.complete(
             metrics=metrics,
-            sparsity=_layer_sparsity(built["prunable"]),
+            sparsity={
+                "target": 0.0 if built["engine"].method.is_dense else float(cfg.sparsity),
+                **built["engine"].sparsity_report(),
+            },
+            sparsity_curve=built["engine"].history,
             fit_time_s=round(fit_s, 3),
             epochs_completed=int(trainer.current_epoch),
             global_step=int(trainer.global_step),

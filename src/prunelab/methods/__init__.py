@@ -1,0 +1,57 @@
+"""Pruning methods: one small class per method on the template in :mod:`.base`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prunelab.errors import ConfigError
+from prunelab.methods.base import MagnitudePruning, PruneAndGrow, PruningMethod
+from prunelab.methods.dense import Dense
+from prunelab.methods.gmp import GradualMagnitude
+from prunelab.methods.random import RandomStatic
+from prunelab.methods.rigl import RigL
+from prunelab.methods.set import SET
+from prunelab.methods.snip import SNIP
+from prunelab.methods.static import StaticMagnitude
+
+METHODS: dict[str, type[PruningMethod]] = {
+    "dense": Dense,
+    "static": StaticMagnitude,
+    "random": RandomStatic,
+    "snip": SNIP,
+    "gmp": GradualMagnitude,
+    "set": SET,
+    "rigl": RigL,
+}
+
+
+def build_method(
+    name: str,
+    sparsity: float,
+    distribution: dict[str, Any] | None = None,
+    schedule: dict[str, Any] | None = None,
+    **options: Any,
+) -> PruningMethod:
+    """The method registered as ``name``, with its method-specific ``options``."""
+    if name not in METHODS:
+        raise ConfigError(f"unknown pruning method '{name}'; choose one of: {', '.join(METHODS)}")
+    try:
+        return METHODS[name](sparsity, distribution=distribution, schedule=schedule, **options)
+    except TypeError as err:
+        raise ConfigError(f"pruning={name}: {err}; check the keys under pruning.") from None
+
+
+__all__ = [
+    "METHODS",
+    "SET",
+    "SNIP",
+    "Dense",
+    "GradualMagnitude",
+    "MagnitudePruning",
+    "PruneAndGrow",
+    "PruningMethod",
+    "RandomStatic",
+    "RigL",
+    "StaticMagnitude",
+    "build_method",
+]

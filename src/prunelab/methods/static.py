@@ -1,0 +1,16 @@
+"""One-shot magnitude pruning: train dense, prune once, fine-tune with the mask fixed."""
+
+from prunelab.methods.base import MagnitudePruning
+
+
+class StaticMagnitude(MagnitudePruning):
+    """Han et al. 2015, "Learning both weights and connections for efficient neural networks".
+
+    Dense training until the schedule's pruning step (``schedule.at``: a fraction of training,
+    or ``schedule.at_epoch``), then the smallest-magnitude weights are removed at once —
+    over all layers with one threshold (``distribution=global``) or per layer by another
+    distribution — and the rest of training fine-tunes the surviving weights.
+    """
+
+    name = "static"
+    schedule_kinds = ("one_shot",)

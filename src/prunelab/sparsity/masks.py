@@ -1,0 +1,103 @@
+"""Binary masks over a model's prunable weights."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+
+import torch
+
+
+class Masks(Mapping[str, torch.Tensor]):
+    """An ordered mapping ``parameter name -> bool tensor`` (True = weight is kept).
+
+    Refuses non-binary values, knows its own sparsity and applies itself in place.
+    """
+
+    def __init__(self, masks: Mapping[str, torch.Tensor]) -> None:
+        self._masks: dict[str, torch.Tensor] = {}
+        for name, mask in masks.items():
+            if mask.dtype != torch.bool:
+                values = torch.unique(mask)
+                if not bool(((values == 0) | (values == 1)).all()):
+                    raise ValueError(f"mask '{name}' is not binary: values {values.tolist()[:5]}")
+                mask = mask.bool()
+            self._masks[name] = mask
+
+    @classmethod
+    def dense_like(cls, params: Mapping[str, torch.Tensor]) -> Masks:
+        """All-True masks shaped like ``params``."""
+        return cls({n: torch.ones_like(p, dtype=torch.bool) for n, p in params.items()})
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self._masks[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._masks)
+
+    def __len__(self) -> int:
+        return len(self._masks)
+
+    def __setitem__(self, name: str, mask: torch.Tensor) -> None:
+        if name not in self._masks:
+            raise KeyError(f"no mask named '{name}'")
+        if mask.shape != self._masks[name].shape:
+            raise ValueError(
+                f"mask '{name}' has shape {tuple(mask.shape)}, expected "
+                f"{tuple(self._masks[name].shape)}"
+            )
+        self._masks[name] = mask.to(dtype=torch.bool, device=self._masks[name].device)
+
+    # -- counts -----------------------------------------------------------------------------
+    def nnz(self) -> dict[str, int]:
+        """Kept (non-zero) entries per layer."""
+        return {n: int(m.sum()) for n, m in self._masks.items()}
+
+    def numel(self) -> int:
+        """Total number of masked entries."""
+        return sum(m.numel() for m in self._masks.values())
+
+    def density(self) -> float:
+        """Fraction of entries kept over all layers."""
+        total = self.numel()
+        return sum(self.nnz().values()) / total if total else 1.0
+
+    def sparsity(self) -> float:
+        """Fraction of entries pruned over all layers."""
+        return 1.0 - self.density()
+
+    def layer_sparsity(self) -> dict[str, float]:
+        """Fraction of entries pruned, per layer."""
+        return {n: 1.0 - int(m.sum()) / m.numel() for n, m in self._masks.items()}
+
+    # -- application ------------------------------------------------------------------------
+    @torch.no_grad()
+    def apply_(self, tensors: Mapping[str, torch.Tensor | None]) -> None:
+        """Zero, in place, the entries of ``tensors`` (weights or grads) that are masked out."""
+        for name, mask in self._masks.items():
+            tensor = tensors.get(name)
+            if tensor is not None:
+                tensor.mul_(mask)
+
+    def to(self, device: torch.device | str) -> Masks:
+        """The same masks on another device."""
+        return Masks({n: m.to(device) for n, m in self._masks.items()})
+
+    def clone(self) -> Masks:
+        """An independent copy."""
+        return Masks({n: m.clone() for n, m in self._masks.items()})
+
+    # -- persistence ------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Plain ``{name: bool tensor}`` on the CPU, for checkpoints."""
+        return {n: m.detach().cpu().clone() for n, m in self._masks.items()}
+
+    @classmethod
+    def from_state_dict(cls, state: Mapping[str, torch.Tensor], device=None) -> Masks:
+        """Masks from :meth:`state_dict` output, optionally moved to ``device``."""
+        return cls({n: (m.to(device) if device is not None else m) for n, m in state.items()})
+
+    def equal(self, other: Masks) -> bool:
+        """True when both hold the same names and bitwise-identical masks."""
+        return list(self) == list(other) and all(
+            torch.equal(self[n].cpu(), other[n].cpu()) for n in self
+        )
