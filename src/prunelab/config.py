@@ -64,8 +64,31 @@ def validate(cfg: DictConfig) -> None:
     interval = OmegaConf.select(cfg, "lr_scheduler.interval", default="epoch")
     if interval not in _LR_SCHEDULER_INTERVALS:
         raise ConfigError(f"lr_scheduler.interval must be 'step' or 'epoch', got {interval!r}")
+    pruning_method(cfg)
     if cfg.get("test_ckpt") not in ("last", "best"):
         raise ConfigError(f"test_ckpt must be 'last' or 'best', got {cfg.get('test_ckpt')!r}")
+
+
+def pruning_method(cfg: DictConfig):
+    """The pruning method a composed config asks for (raises ConfigError on a mismatch)."""
+    from prunelab.methods import build_method
+
+    pruning = OmegaConf.to_container(cfg.pruning, resolve=True)
+    name = pruning.pop("name", None)
+    if name is None:
+        raise ConfigError("pruning.name is missing; choose a method, e.g. pruning=dynamic")
+    method = build_method(
+        str(name),
+        float(cfg.sparsity),
+        distribution=OmegaConf.to_container(cfg.get("distribution") or {}, resolve=True),
+        schedule=OmegaConf.to_container(cfg.get("schedule") or {}, resolve=True),
+        **pruning,
+    )
+    if not method.is_dense and float(cfg.sparsity) == 0.0:
+        raise ConfigError(
+            f"pruning={name} needs sparsity > 0; e.g. sparsity=0.9 (or pruning=dense)"
+        )
+    return method
 
 
 def group_options(group: str, conf_dir: Path = CONF_DIR) -> list[str]:

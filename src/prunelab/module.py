@@ -55,6 +55,7 @@ class ClassificationModule(pl.LightningModule):
         self.val_loss = MeanMetric()
         self.test_loss = MeanMetric()
         self.val_acc_best = MaxMetric()
+        self.val_acc_best.persistent(True)  # survives a resume from checkpoint
         self._train_loss_sum = torch.zeros(())
         self._train_correct = torch.zeros((), dtype=torch.long)
         self._train_seen = 0
@@ -84,7 +85,19 @@ class ClassificationModule(pl.LightningModule):
         if self.engine is not None and self.engine.before_optimizer_step(
             self.global_step, optimizer
         ):
+            if self.trainer.world_size > 1:
+                self._check_masks_agree()
             self._log_engine(force_layers=True)
+
+    def _check_masks_agree(self) -> None:
+        """Under DDP, fail loudly if any rank chose a different mask at this update."""
+        digest = torch.tensor(self.engine.mask_digest(), device=self.device)
+        digests = self.all_gather(digest)
+        if not bool((digests == digest).all()):
+            raise RuntimeError(
+                f"masks differ across DDP ranks at step {self.global_step}: {digests.tolist()}"
+            )
+        self.engine.rank_checks += 1
 
     def _log_engine(self, force_layers: bool = False) -> None:
         if self.engine is None or not self.engine.active or not self.engine.last_stats:

@@ -17,10 +17,10 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from prunelab import files
-from prunelab.config import CONF_DIR, check_overrides, validate
+from prunelab.config import CONF_DIR, check_overrides, pruning_method, validate
 from prunelab.errors import ConfigError
 from prunelab.tracking import wandb_setup
-from prunelab.tracking.results import RunRecord, config_hash
+from prunelab.tracking.results import RunRecord, config_hash, is_main_process
 from prunelab.tracking.summary import print_summary
 
 log = logging.getLogger(__name__)
@@ -62,7 +62,6 @@ def _instantiate(node: Any, **kwargs: Any) -> Any:
 
 def build(cfg: DictConfig) -> dict[str, Any]:
     """Instantiate the datamodule, model, Lightning module (and check the data is there)."""
-    from prunelab.methods import build_method
     from prunelab.models import prunable_parameters
     from prunelab.module import ClassificationModule
     from prunelab.sparsity.engine import SparsityEngine
@@ -72,14 +71,7 @@ def build(cfg: DictConfig) -> dict[str, Any]:
     model = _instantiate(
         cfg.model, input_shape=tuple(datamodule.input_shape), num_classes=datamodule.num_classes
     )
-    pruning = OmegaConf.to_container(cfg.pruning, resolve=True)
-    method = build_method(
-        str(pruning.pop("name")),
-        float(cfg.sparsity),
-        distribution=OmegaConf.to_container(cfg.distribution, resolve=True),
-        schedule=OmegaConf.to_container(cfg.schedule, resolve=True),
-        **pruning,
-    )
+    method = pruning_method(cfg)
     prunable = prunable_parameters(model)
     engine = SparsityEngine(model, prunable, method, seed=int(cfg.seed))
     scheduler_cfg = cfg.lr_scheduler.get("scheduler") if cfg.get("lr_scheduler") else None
@@ -196,7 +188,8 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> dict[str, Any]:
             global_step=int(trainer.global_step),
             checkpoint=str(files.last_checkpoint(run_dir)),
         )
-        print_summary(record.data)
+        if is_main_process():
+            print_summary(record.data)
         return record.data
     except BaseException as err:
         record.fail(err)

@@ -54,9 +54,7 @@ targets = st.floats(0.5, 0.99)
 @given(schedule=sparsity_schedules(), target=targets, probe=st.lists(steps, min_size=1))
 def test_sparsity_schedule_is_pure(schedule, target, probe):
     first = [(schedule.sparsity_at(t, target), schedule.is_update_step(t)) for t in probe]
-    again = [
-        (schedule.sparsity_at(t, target), schedule.is_update_step(t)) for t in reversed(probe)
-    ]
+    again = [(schedule.sparsity_at(t, target), schedule.is_update_step(t)) for t in reversed(probe)]
     assert first == list(reversed(again))
     clone = dataclasses.replace(schedule)
     assert clone == schedule and hash(clone) == hash(schedule)

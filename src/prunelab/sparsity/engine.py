@@ -71,6 +71,7 @@ class SparsityEngine:
         self.history: list[dict[str, float]] = []
         self.n_updates = 0
         self.last_stats: dict[str, float] = {}
+        self.rank_checks = 0  # cross-rank mask agreement checks passed (DDP)
         self._handles: list[Any] = []
 
     # -- set-up -----------------------------------------------------------------------------
@@ -171,6 +172,14 @@ class SparsityEngine:
         }
         self.history.append(dict(self.last_stats))
 
+    def mask_digest(self) -> int:
+        """A 63-bit fingerprint of all masks: equal digests mean (almost surely) equal masks."""
+        h = hashlib.blake2b(digest_size=8)
+        for name, mask in (self.masks or {}).items():
+            h.update(name.encode())
+            h.update(mask.detach().cpu().numpy().tobytes())
+        return int.from_bytes(h.digest(), "little") >> 1
+
     def layer_sparsity(self) -> dict[str, float]:
         """Measured fraction of zeros per prunable weight (read from the weights)."""
         with torch.no_grad():
@@ -185,6 +194,7 @@ class SparsityEngine:
             "global": zeros / max(total, 1),
             "layers": per_layer,
             "n_updates": self.n_updates,
+            "rank_checks": self.rank_checks,
         }
         if self.masks is not None and self.active:
             report["mask_global"] = self.masks.sparsity()

@@ -22,6 +22,9 @@ class Masks(Mapping[str, torch.Tensor]):
                     raise ValueError(f"mask '{name}' is not binary: values {values.tolist()[:5]}")
                 mask = mask.bool()
             self._masks[name] = mask
+        # Masks in the dtype of the tensors they multiply: a bool multiplier would be cast
+        # (a new tensor) on every application, on the hot path of every optimizer step.
+        self._cast: dict[tuple[str, torch.dtype], torch.Tensor] = {}
 
     @classmethod
     def dense_like(cls, params: Mapping[str, torch.Tensor]) -> Masks:
@@ -46,6 +49,7 @@ class Masks(Mapping[str, torch.Tensor]):
                 f"{tuple(self._masks[name].shape)}"
             )
         self._masks[name] = mask.to(dtype=torch.bool, device=self._masks[name].device)
+        self._cast = {k: v for k, v in self._cast.items() if k[0] != name}
 
     # -- counts -----------------------------------------------------------------------------
     def nnz(self) -> dict[str, int]:
@@ -75,8 +79,13 @@ class Masks(Mapping[str, torch.Tensor]):
         """Zero, in place, the entries of ``tensors`` (weights or grads) that are masked out."""
         for name, mask in self._masks.items():
             tensor = tensors.get(name)
-            if tensor is not None:
-                tensor.mul_(mask)
+            if tensor is None:
+                continue
+            key = (name, tensor.dtype)
+            cast = self._cast.get(key)
+            if cast is None or cast.device != tensor.device:
+                cast = self._cast[key] = mask.to(device=tensor.device, dtype=tensor.dtype)
+            tensor.mul_(cast)
 
     def to(self, device: torch.device | str) -> Masks:
         """The same masks on another device."""

@@ -144,7 +144,8 @@ class SparsitySchedule:
         if self.kind == "one_shot" or step >= self.end_step:
             return final
         progress = (step - self.begin_step) / (self.end_step - self.begin_step)
-        value = final + (initial - final) * (1.0 - progress) ** self.power
+        # Zhu & Gupta's s_f + (s_i - s_f)(1 - p)^power, written to give s_i exactly at p = 0.
+        value = initial + (final - initial) * (1.0 - (1.0 - progress) ** self.power)
         return min(max(value, initial), final)
 
 

@@ -21,7 +21,16 @@ from prunelab import files
 
 # Keys that do not change what is being measured: left out of the config hash so that
 # seeds of one experiment cell, and runs on other machines, share a hash.
-HASH_EXCLUDED_KEYS = ("seed", "paths", "logger", "hydra", "task_name", "tags", "skip_completed")
+HASH_EXCLUDED_KEYS = (
+    "seed",
+    "paths",
+    "logger",
+    "hydra",
+    "task_name",
+    "tags",
+    "skip_completed",
+    "ckpt_path",
+)
 TRACKED_PACKAGES = (
     "torch",
     "torchvision",
@@ -85,6 +94,11 @@ def package_versions() -> dict[str, str]:
     return versions
 
 
+def is_main_process() -> bool:
+    """False in the extra processes of a multi-process (DDP) run, which must not write."""
+    return all(int(os.environ.get(k, "0") or 0) == 0 for k in ("RANK", "LOCAL_RANK", "NODE_RANK"))
+
+
 def read_record(run_dir: str | Path) -> dict[str, Any] | None:
     """The results record of a run, or None when there is none (or it is unreadable)."""
     path = files.results_path(run_dir)
@@ -121,9 +135,10 @@ class RunRecord:
         self.flush()
 
     def flush(self) -> None:
-        """Write the record as it stands now."""
+        """Write the record as it stands now (on the main process only, under DDP)."""
         self.data["wall_time_s"] = round(time.time() - self._start, 3)
-        write_json_atomic(self.path, self.data)
+        if is_main_process():
+            write_json_atomic(self.path, self.data)
 
     def complete(self, **fields: Any) -> None:
         """Mark the run completed with its final fields."""
