@@ -76,6 +76,10 @@ class PruningMethod:
             )
         self.shapes: dict[str, tuple[int, ...]] = {}
         self.dense: frozenset[str] = frozenset()
+        # Build the schedule once for a nominal run so bad schedule values fail now, before
+        # training; setup() rebuilds it for the real length of training.
+        self.total_steps, self.steps_per_epoch = 1000, 10
+        self.build_schedule()
 
     # -- set-up -----------------------------------------------------------------------------
     def setup(

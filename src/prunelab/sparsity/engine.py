@@ -186,20 +186,22 @@ class SparsityEngine:
             return {n: float((p == 0).sum()) / p.numel() for n, p in self.params.items()}
 
     def sparsity_report(self) -> dict[str, Any]:
-        """Global and per-layer sparsity of the weights, plus the mask's and ITOP rate."""
-        per_layer = self.layer_sparsity()
+        """Sparsity of the masks (global and per layer), the measured fraction of weights that
+        are exactly zero (at least the mask's: a regrown weight with zero gradient stays 0),
+        the ITOP rate and update counts."""
+        zeros = self.layer_sparsity()
         total = sum(p.numel() for p in self.params.values())
-        zeros = sum(per_layer[n] * p.numel() for n, p in self.params.items())
-        report: dict[str, Any] = {
-            "global": zeros / max(total, 1),
-            "layers": per_layer,
+        zeros_global = sum(zeros[n] * p.numel() for n, p in self.params.items()) / max(total, 1)
+        masks = self.masks if self.masks is not None else Masks.dense_like(self.params)
+        return {
+            "global": masks.sparsity(),
+            "layers": masks.layer_sparsity(),
+            "weights_zero_global": zeros_global,
+            "weights_zero_layers": zeros,
+            "itop_rate": self.ever_active.density() if self.ever_active else 1.0,
             "n_updates": self.n_updates,
             "rank_checks": self.rank_checks,
         }
-        if self.masks is not None and self.active:
-            report["mask_global"] = self.masks.sparsity()
-            report["itop_rate"] = self.ever_active.density() if self.ever_active else 1.0
-        return report
 
     # -- persistence ------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
