@@ -1,0 +1,53 @@
+from rich.console import Console
+
+from prunelab.tracking import wandb_setup
+from prunelab.tracking.summary import print_summary, summary_rows
+
+
+def test_wandb_mode_env_wins(monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    assert wandb_setup.resolve_mode("online") == "disabled"
+
+
+def test_wandb_auto_is_offline_without_api_key(monkeypatch, tmp_path):
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc
+    monkeypatch.setenv("NETRC", str(tmp_path / "none"))
+    assert not wandb_setup.has_api_key()
+    assert wandb_setup.resolve_mode("auto") == "offline"
+    assert wandb_setup.resolve_mode("offline") == "offline"
+
+
+def test_wandb_auto_is_offline_when_server_unreachable(monkeypatch):
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")  # discard port: refused at once
+    assert wandb_setup.has_api_key()
+    assert not wandb_setup.server_reachable(timeout_s=0.5)
+    assert wandb_setup.resolve_mode("auto") == "offline"
+
+
+def test_wandb_disabled_gives_no_logger(tmp_path):
+    assert wandb_setup.make_wandb_logger({"enabled": False}, tmp_path, "n", [], {}) is None
+
+
+def test_summary_lists_the_run():
+    record = {
+        "status": "completed",
+        "run_dir": "outputs/runs/x",
+        "choices": {"dataset": "mnist1d", "model": "mlp", "pruning": "dynamic"},
+        "config": {"pruning": {"name": "rigl"}, "sparsity": 0.9},
+        "metrics": {"test/acc": 0.6123, "val/acc_best": 0.65},
+        "sparsity": {"global": 0.9},
+        "n_params": 15210,
+        "n_prunable": 15000,
+        "wall_time_s": 12.3,
+    }
+    rows = dict(summary_rows(record))
+    assert rows["method"] == "rigl" and rows["target sparsity"] == "0.9"
+    assert rows["test accuracy"] == "61.23%" and rows["parameters"].startswith("15,210")
+    console = Console(record=True, width=100)
+    print_summary(record, console)
+    text = console.export_text()
+    assert "mnist1d" in text and "61.23%" in text and "outputs/runs/x" in text
