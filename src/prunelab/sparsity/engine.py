@@ -68,7 +68,9 @@ class SparsityEngine:
         self.seed = int(seed)
         self.masks: Masks | None = None
         self.ever_active: Masks | None = None
-        self.history: list[dict[str, float]] = []
+        # One entry per mask change (and one at init): step, global sparsity, turnover, ITOP
+        # rate and the per-layer densities in force from that step on.
+        self.history: list[dict[str, Any]] = []
         self.n_updates = 0
         self.last_stats: dict[str, float] = {}
         self.rank_checks = 0  # cross-rank mask agreement checks passed (DDP)
@@ -170,7 +172,8 @@ class SparsityEngine:
             "mask/turnover": turnover,
             "mask/itop_rate": self.ever_active.density(),
         }
-        self.history.append(dict(self.last_stats))
+        densities = {n: 1.0 - v for n, v in self.masks.layer_sparsity().items()}
+        self.history.append({**self.last_stats, "densities": densities})
 
     def mask_digest(self) -> int:
         """A 63-bit fingerprint of all masks: equal digests mean (almost surely) equal masks."""
@@ -221,7 +224,9 @@ class SparsityEngine:
         self.history = list(state.get("history", []))
         self.n_updates = int(state.get("n_updates", 0))
         self.seed = int(state.get("seed", self.seed))
-        self.last_stats = dict(self.history[-1]) if self.history else {}
+        self.last_stats = (
+            {k: v for k, v in self.history[-1].items() if k != "densities"} if self.history else {}
+        )
 
 
 @torch.no_grad()
