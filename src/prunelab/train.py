@@ -20,7 +20,13 @@ from prunelab import files
 from prunelab.config import CONF_DIR, check_overrides, pruning_method, validate
 from prunelab.errors import ConfigError
 from prunelab.tracking import wandb_setup
-from prunelab.tracking.results import RunRecord, config_hash, is_main_process
+from prunelab.tracking.results import (
+    RunRecord,
+    config_hash,
+    is_main_process,
+    read_record,
+    write_json_atomic,
+)
 from prunelab.tracking.summary import print_summary
 
 log = logging.getLogger(__name__)
@@ -93,7 +99,9 @@ def build(cfg: DictConfig) -> dict[str, Any]:
     }
 
 
-def _loggers(cfg: DictConfig, run_dir: Path, config: dict[str, Any], name: str) -> list:
+def _loggers(
+    cfg: DictConfig, run_dir: Path, config: dict[str, Any], name: str, group: str, tags: list
+) -> list:
     from pytorch_lightning.loggers import CSVLogger
 
     loggers: list = []
@@ -103,12 +111,55 @@ def _loggers(cfg: DictConfig, run_dir: Path, config: dict[str, Any], name: str) 
         OmegaConf.to_container(cfg.logger.wandb, resolve=True),
         run_dir,
         name=name,
-        tags=list(cfg.get("tags", [])),
+        tags=[*tags, *list(cfg.get("tags", []))],
         config=config,
+        group=group,
     )
     if wandb_logger is not None:
         loggers.append(wandb_logger)
     return loggers
+
+
+def _hydra_runtime() -> Any:
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        return HydraConfig.get()
+    except Exception:
+        return None
+
+
+def _limit_threads() -> None:
+    """In a parallel sweep, give each job its share of the cores: joblib's cores // n_jobs,
+    submitit's cpus_per_task."""
+    import torch
+
+    hc = _hydra_runtime()
+    if hc is None or not _is_multirun():
+        return
+    launcher = hc.launcher or {}
+    if isinstance(launcher.get("cpus_per_task"), int):  # submitit: the job's own allocation
+        torch.set_num_threads(max(1, launcher.cpus_per_task))
+        return
+    parallel = launcher.get("n_jobs")
+    if isinstance(parallel, int) and parallel > 1:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // parallel))
+
+
+def _completed_elsewhere(cfg: DictConfig, cell: str, seed: int) -> dict[str, Any] | None:
+    """A completed record of the same cell and seed in this sweep's folder (or run folder)."""
+    hc = _hydra_runtime()
+    root = Path(hc.sweep.dir) if hc is not None and _is_multirun() else Path(cfg.paths.output_dir)
+    for path in sorted(root.rglob(files.RESULTS)):
+        record = read_record(path.parent)
+        if (
+            record
+            and record.get("status") == "completed"
+            and record.get("config_hash") == cell
+            and record.get("seed") == seed
+        ):
+            return record
+    return None
 
 
 def _scalar_metrics(metrics: dict[str, Any]) -> dict[str, float]:
@@ -131,23 +182,47 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> dict[str, Any]:
     import pytorch_lightning as pl
     from pytorch_lightning.callbacks import ModelCheckpoint, RichProgressBar
 
-    validate(cfg)
     run_dir = Path(cfg.paths.output_dir)
+    try:
+        validate(cfg)
+    except ConfigError as err:
+        if _is_multirun():  # the sweep's table must show this cell as failed
+            RunRecord(
+                run_dir,
+                OmegaConf.to_container(cfg, resolve=False),
+                seed=cfg.get("seed", 0),
+                config_hash=config_hash(OmegaConf.to_container(cfg, resolve=False)),
+            ).fail(err)
+        raise
     config = OmegaConf.to_container(cfg, resolve=True)
     # Hash the config as written (interpolations such as dataset.seed=${seed} unresolved),
     # so that seeds and machines do not change an experiment cell's name.
-    record = RunRecord(
-        run_dir,
-        config,
-        seed=int(cfg.seed),
-        config_hash=config_hash(OmegaConf.to_container(cfg, resolve=False)),
-    )
+    cell = config_hash(OmegaConf.to_container(cfg, resolve=False))
+    if cfg.get("skip_completed"):
+        done = _completed_elsewhere(cfg, cell, int(cfg.seed))
+        if done is not None:
+            log.info(
+                "skip_completed: %s seed %s already completed in %s",
+                cell,
+                cfg.seed,
+                done.get("run_dir"),
+            )
+            if Path(done.get("run_dir", "")) != run_dir:
+                write_json_atomic(
+                    files.results_path(run_dir), {**done, "skipped_from": done.get("run_dir")}
+                )
+            return done
+    _limit_threads()
+    record = RunRecord(run_dir, config, seed=int(cfg.seed), config_hash=cell)
+    wandb_logger = None
     try:
         pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
         built = build(cfg)
         choices = _choices()
         method = str(cfg.pruning.get("name", choices.get("pruning", "dense")))
-        name = f"{choices.get('dataset', 'data')}-{choices.get('model', 'model')}-{method}"
+        dataset, model = choices.get("dataset", "data"), choices.get("model", "model")
+        name = f"{dataset}-{model}-{method}-s{cfg.sparsity}-seed{cfg.seed}"
+        tags = [method, f"sparsity={cfg.sparsity}", dataset, model]
         record.update(
             choices=choices,
             n_params=sum(p.numel() for p in built["model"].parameters()),
@@ -163,9 +238,11 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> dict[str, Any]:
         progress = []
         if cfg.trainer.get("enable_progress_bar", True):
             progress.append(RichProgressBar(refresh_rate=10, leave=True))
+        loggers = _loggers(cfg, run_dir, config, name, group=cell, tags=tags)
+        wandb_logger = next((lg for lg in loggers if type(lg).__name__ == "WandbLogger"), None)
         trainer = hydra.utils.instantiate(
             cfg.trainer,
-            logger=_loggers(cfg, run_dir, config, name),
+            logger=loggers,
             callbacks=[checkpoint, *progress, *(callbacks or [])],
             default_root_dir=str(run_dir),
         )
@@ -189,6 +266,7 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> dict[str, Any]:
             checkpoint=str(files.last_checkpoint(run_dir)),
         )
         if is_main_process():
+            wandb_setup.log_run_end(wandb_logger, record.data)
             print_summary(record.data)
         return record.data
     except BaseException as err:

@@ -96,6 +96,13 @@ OPTIMIZERS: dict[str, Callable[[nn.Module], torch.optim.Optimizer]] = {
     ),
     "adam": lambda m: torch.optim.Adam(m.parameters(), lr=1e-2),
     "adamw": lambda m: torch.optim.AdamW(m.parameters(), lr=1e-2, weight_decay=0.1),
+    "adam_amsgrad": lambda m: torch.optim.Adam(m.parameters(), lr=1e-2, amsgrad=True),
+}
+
+EXPECTED_BUFFERS = {
+    "sgd_momentum": {"momentum_buffer"},
+    "adam": {"exp_avg", "exp_avg_sq"},
+    "adam_amsgrad": {"exp_avg", "exp_avg_sq", "max_exp_avg_sq"},
 }
 
 PRUNE_GROW = {
@@ -256,7 +263,7 @@ def test_pruned_weights_are_exactly_zero_after_every_step(run):
 # --------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("optimizer_name", ["sgd_momentum", "adam"])
+@pytest.mark.parametrize("optimizer_name", sorted(EXPECTED_BUFFERS))
 @pytest.mark.parametrize("method", ["set", "rigl"])
 def test_grown_weights_start_at_zero_with_zeroed_optimizer_state(method, optimizer_name):
     widths = [12, 10, 4]
@@ -287,14 +294,7 @@ def test_grown_weights_start_at_zero_with_zeroed_optimizer_state(method, optimiz
                 assert (p.detach()[grown] == 0).all(), f"{name}: grown weights are not zero"
                 assert (p.detach()[dropped] == 0).all(), f"{name}: dropped weights remain"
                 buffers = per_element_buffers(optimizer, p)
-                expected = (
-                    {"momentum_buffer"}
-                    if optimizer_name == "sgd_momentum"
-                    else {
-                        "exp_avg",
-                        "exp_avg_sq",
-                    }
-                )
+                expected = EXPECTED_BUFFERS[optimizer_name]
                 assert expected <= set(buffers), f"{name}: optimizer state {set(buffers)}"
                 for key, buf in buffers.items():
                     # The test means something only if the buffers were non-zero there.
@@ -345,7 +345,9 @@ def test_prune_and_grow_keeps_counts_and_never_regrows_dropped(run):
         old = clone_masks(engine.masks)
         is_update = engine.method.is_update_step(step)
         changed = engine.before_optimizer_step(step, optimizer)
-        assert changed == is_update
+        moved = any(not torch.equal(engine.masks[n], old[n]) for n in old)
+        assert changed or not moved, "the mask changed but before_optimizer_step said no"
+        assert is_update or not (changed or moved), f"mask update off schedule at {step}"
         n_update_steps += is_update
         if is_update:
             fraction = engine.method.drop_schedule.fraction_at(step)
@@ -360,7 +362,8 @@ def test_prune_and_grow_keeps_counts_and_never_regrows_dropped(run):
             assert not (new & dropped).any(), f"{name}: a weight dropped at {step} was regrown"
             any_change |= bool(grown.any())
         optimizer.step()
-    assert engine.n_updates == n_update_steps >= 1
+    assert 1 <= engine.n_updates <= n_update_steps
+    assert len(engine.history) == engine.n_updates + 1  # one entry at init, one per update
     # Whenever some layer has a whole weight to drop and room to regrow, the mask moves.
     assert any_change == expect_change
 
@@ -480,11 +483,12 @@ def _through_bytes(obj):
     return torch.load(buf)
 
 
+@pytest.mark.parametrize("cut", [16, 17])  # just after an update step (15 / 16), or between
 @pytest.mark.parametrize("optimizer_name", ["sgd_momentum", "adam"])
 @pytest.mark.parametrize("method", ["set", "rigl", "gmp"])
-def test_state_dict_round_trip_and_exact_resume(method, optimizer_name):
+def test_state_dict_round_trip_and_exact_resume(method, optimizer_name, cut):
     widths = [10, 9, 4]
-    total, cut = 40, 17  # resume between two mask updates
+    total = 40
     schedule = SCHEDULES[method]
     batches = make_batches(widths, seed=4)
 
@@ -661,6 +665,41 @@ def test_final_sparsity_is_on_target(method, dist, sparsity):
     for name, p in engine.params.items():
         assert int((p == 0).sum()) >= int((~engine.masks[name]).sum())
         assert report["weights_zero_layers"][name] >= report["layers"][name] - 1e-12
+
+
+@pytest.mark.parametrize(
+    ("method", "dist"),
+    [
+        ("static", "global"),
+        ("gmp", "uniform"),
+        ("snip", "global"),
+        ("random", "erk"),
+        ("set", "erk"),
+        ("rigl", "uniform"),
+    ],
+)
+def test_dense_first_and_last_layers_stay_dense(method, dist):
+    widths = [12, 16, 10, 3]
+    model = build_model(widths, conv=True, seed=13)
+    batches = make_batches(widths, conv=True, seed=13)
+    optimizer = OPTIMIZERS["adam"](model)
+    built = build_method(
+        method,
+        0.7,
+        distribution={**distribution(dist), "dense_first": True, "dense_last": True},
+        schedule=dict(SCHEDULES[method]),
+    )
+    engine = SparsityEngine(model, prunable(model), built, seed=13)
+    engine.setup(total_steps=STEPS, steps_per_epoch=10)
+    start(engine, model, batches, optimizer)
+    first, *_, last = list(engine.params)
+    for step in range(STEPS):
+        train_step(engine, model, optimizer, batches, step)
+        assert engine.masks[first].all() and engine.masks[last].all(), f"step {step}"
+        assert_pruned_weights_zero(engine, f"step {step}")
+    total = sum(p.numel() for p in engine.params.values())
+    zeros = total - sum(engine.masks.nnz().values())
+    assert abs(zeros - round(0.7 * total)) <= len(engine.params)
 
 
 # --------------------------------------------------------------------------------------

@@ -114,19 +114,15 @@ def test_topk_mask_keeps_exactly_the_k_largest(shape, data):
 def test_topk_mask_count_is_exact_with_ties(shape, data):
     numel = math.prod(shape)
     k = data.draw(st.integers(0, numel))
-    scores = torch.tensor(data.draw(st.lists(st.sampled_from([0.0, 1.0]), min_size=numel,
-                                             max_size=numel))).view(shape)
+    scores = torch.tensor(
+        data.draw(st.lists(st.sampled_from([0.0, 1.0]), min_size=numel, max_size=numel))
+    ).view(shape)
     mask = topk_mask(scores, k)
     assert int(mask.sum()) == k
     if 0 < k < numel:
         assert scores[mask].min() >= scores[~mask].max()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="topk_mask documents 'ties: lowest index' but uses torch.topk(sorted=False), "
-    "whose choice among equal scores is unspecified (CPU picks e.g. indices 11..15 of 20 zeros)",
-)
 def test_topk_mask_breaks_ties_by_lowest_index():
     mask = topk_mask(torch.zeros(20), 5)
     assert mask.nonzero().flatten().tolist() == [0, 1, 2, 3, 4]
@@ -219,6 +215,39 @@ def test_build_method_rejects_unknown_options():
     one_line(err)
 
 
+@pytest.mark.parametrize(
+    ("name", "schedule"),
+    [
+        ("rigl", {"kind": "prune_grow", "update_every": 0}),
+        ("set", {"kind": "prune_grow", "drop_fraction": 1.5}),
+        ("set", {"kind": "prune_grow", "anneal": "exponential"}),
+        ("gmp", {"kind": "polynomial", "frequency": 0}),
+        ("gmp", {"kind": "polynomial", "power": 0}),
+        ("static", {"kind": "one_shot", "at": 1.5}),
+    ],
+)
+def test_build_method_rejects_bad_schedule_values_up_front(name, schedule):
+    with pytest.raises(ConfigError) as err:
+        build_method(name, 0.9, distribution=dist("uniform"), schedule=schedule)
+    one_line(err)
+
+
+@pytest.mark.parametrize(
+    ("name", "distribution"),
+    [("random", "global"), ("set", "global"), ("rigl", "global"), ("rigl", "lognormal")],
+)
+def test_unusable_distribution_fails_before_training(name, distribution):
+    """A score-free method with the 'global' distribution (or an unknown distribution) is a
+    ConfigError at the latest when the masks are first decided, before any step."""
+    model = mlp([6, 5, 3])
+    with pytest.raises(ConfigError) as err:
+        method = build_method(
+            name, 0.8, distribution=dist(distribution), schedule=GOOD_SCHEDULES[name]
+        )
+        engine_for(model, method, total_steps=10).initialize()
+    one_line(err)
+
+
 # --------------------------------------------------------------------------------------
 # SNIP
 # --------------------------------------------------------------------------------------
@@ -245,7 +274,10 @@ def test_snip_keeps_exactly_the_top_saliency_weights(n_batches):
     for n, p in params.items():
         p.grad = sentinel[n].clone()
     method = build_method(
-        "snip", sparsity, distribution=dist("global"), schedule={"kind": "fixed"},
+        "snip",
+        sparsity,
+        distribution=dist("global"),
+        schedule={"kind": "fixed"},
         batches=n_batches,
     )
     engine = engine_for(model, method, total_steps=10)
@@ -384,9 +416,12 @@ def test_gmp_follows_the_polynomial_schedule(distribution, power):
     previous = {n: m.clone() for n, m in engine.masks.items()}
 
     def check(step, before, changed):
-        assert changed == (step in expected_updates), f"step {step}"
+        assert method.is_update_step(step) == (step in expected_updates), f"step {step}"
         zeros = sum(int((~m).sum()) for m in engine.masks.values())
-        if changed:
+        if step not in expected_updates:
+            assert not changed, f"mask update off schedule at {step}"
+            assert all(torch.equal(engine.masks[n], previous[n]) for n in params)
+        else:
             target = round(zhu_gupta(step, sparsity, begin, end, power) * n_total)
             assert abs(zeros - target) <= n_layers, f"step {step}: {zeros} zeros, want {target}"
             if distribution == "global":
@@ -403,6 +438,27 @@ def test_gmp_follows_the_polynomial_schedule(distribution, power):
     _train(model, optimizer, engine, data, range(total), check)
     assert seen == sorted(seen), "sparsity went down"
     assert abs(seen[-1] * n_total - round(sparsity * n_total)) <= n_layers
-    assert engine.n_updates == len(expected_updates)
+    assert 1 <= engine.n_updates <= len(expected_updates)
     for n, p in params.items():
         assert (p.detach()[~engine.masks[n]] == 0).all()
+
+
+@pytest.mark.parametrize(
+    ("name", "schedule"),
+    [
+        ("static", {"kind": "one_shot", "at": 1.0}),
+        ("gmp", {"kind": "polynomial", "begin": 0.0, "end": 1.0, "frequency": 4, "power": 1}),
+    ],
+)
+def test_schedule_ending_with_training_still_reaches_the_target(name, schedule):
+    widths, sparsity, total = [12, 10, 3], 0.9, 30
+    model = mlp(widths, seed=6)
+    data = batches_for(widths, seed=6)
+    method = build_method(name, sparsity, distribution=dist("global"), schedule=schedule)
+    engine = engine_for(model, method, total_steps=total)
+    engine.initialize(batches=lambda: iter(data), loss_fn=F.cross_entropy)
+    optimizer = _sgd(model)
+    engine.attach(optimizer)
+    _train(model, optimizer, engine, data, range(total), lambda *_: None)
+    zeros, n_total = n_zeros_target(sparsity, engine.params)
+    assert abs(sum(int((~m).sum()) for m in engine.masks.values()) - zeros) <= len(widths) - 1

@@ -33,7 +33,9 @@ def topk_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Bool mask with True at the ``k`` largest entries of ``scores`` (ties: lowest index)."""
     mask = torch.zeros(scores.numel(), dtype=torch.bool, device=scores.device)
     if k > 0:
-        mask[torch.topk(scores.flatten().float(), k, sorted=False).indices] = True
+        # A stable sort makes ties go to the lowest index on every device (topk does not).
+        order = torch.sort(scores.flatten().float(), descending=True, stable=True).indices
+        mask[order[:k]] = True
     return mask.view_as(scores)
 
 
@@ -97,11 +99,15 @@ class PruningMethod:
         self.schedule = SparsitySchedule(kind="fixed")
 
     def _step_of(self, key: str, default: float) -> int:
-        """A schedule point: ``<key>_epoch`` (epochs) if set, else ``<key>`` (fraction)."""
+        """A schedule point: ``<key>_epoch`` (epochs) if set, else ``<key>`` (fraction),
+        clamped to the last step of training."""
         epoch = self.schedule_cfg.get(f"{key}_epoch")
         if epoch is not None:
-            return int(epoch) * self.steps_per_epoch
-        return resolve_fraction(float(self.schedule_cfg.get(key, default)), self.total_steps)
+            step = int(epoch) * self.steps_per_epoch
+        else:
+            step = resolve_fraction(float(self.schedule_cfg.get(key, default)), self.total_steps)
+        # Steps run from 0 to total_steps - 1: a point at the very end happens on the last one.
+        return min(step, max(0, self.total_steps - 1))
 
     def keep_counts(self, sparsity: float, scores: Params | None = None) -> dict[str, int]:
         """Weights to keep per layer for a global ``sparsity``, by the chosen distribution."""

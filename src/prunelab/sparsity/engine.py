@@ -130,7 +130,7 @@ class SparsityEngine:
         """Update the masks if ``step`` is an update step, then mask the gradients.
 
         Call with the dense gradients in place (accumulated, unscaled, DDP-reduced). Returns
-        True when the masks changed.
+        True on update steps (the masks were recomputed, possibly to the same masks).
         """
         if not self.active or self.masks is None:
             return False

@@ -30,6 +30,8 @@ HASH_EXCLUDED_KEYS = (
     "tags",
     "skip_completed",
     "ckpt_path",
+    "optimized_metric",
+    "n_jobs",
 )
 TRACKED_PACKAGES = (
     "torch",

@@ -64,9 +64,18 @@ def resolve_mode(requested: str) -> str:
 
 
 def make_wandb_logger(
-    wandb_cfg: dict[str, Any], run_dir: Path, name: str, tags: list[str], config: dict[str, Any]
+    wandb_cfg: dict[str, Any],
+    run_dir: Path,
+    name: str,
+    tags: list[str],
+    config: dict[str, Any],
+    group: str | None = None,
 ):
-    """A Lightning WandbLogger writing under ``run_dir``, or None when W&B is disabled."""
+    """A Lightning WandbLogger writing under ``run_dir``, or None when W&B is disabled.
+
+    Runs are grouped by ``group`` (the config hash: all seeds of one cell) unless the
+    config names a group.
+    """
     if not wandb_cfg.get("enabled", True):
         return None
     mode = resolve_mode(str(wandb_cfg.get("mode", "auto")))
@@ -81,7 +90,7 @@ def make_wandb_logger(
     return WandbLogger(
         project=wandb_cfg.get("project", "prunelab"),
         entity=wandb_cfg.get("entity"),
-        group=wandb_cfg.get("group"),
+        group=wandb_cfg.get("group") or group,
         name=name,
         tags=[str(t) for t in tags],
         save_dir=str(save_dir),
@@ -100,3 +109,32 @@ def finish() -> None:
             wandb.finish()
     except Exception as err:  # never let W&B shutdown hide the run's own outcome
         log.warning("W&B finish failed: %s", err)
+
+
+def log_run_end(wandb_logger: Any, record: dict[str, Any]) -> None:
+    """At the end of a run: the per-layer sparsity table, the sparsity curve and the
+    record's final metrics in the run summary."""
+    if wandb_logger is None:
+        return
+    import wandb
+
+    run = wandb_logger.experiment
+    sparsity = record.get("sparsity", {})
+    zeros = sparsity.get("weights_zero_layers", {})
+    rows = [[name, value, zeros.get(name)] for name, value in sparsity.get("layers", {}).items()]
+    run.log({"sparsity/layers": wandb.Table(columns=["layer", "sparsity", "zeros"], data=rows)})
+    curve = record.get("sparsity_curve") or []
+    if len(curve) > 1:
+        table = wandb.Table(
+            columns=["step", "sparsity", "turnover", "itop_rate"],
+            data=[
+                [p["step"], p["sparsity/global"], p["mask/turnover"], p["mask/itop_rate"]]
+                for p in curve
+            ],
+        )
+        run.log({"sparsity/curve": wandb.plot.line(table, "step", "sparsity", title="sparsity")})
+    summary = {f"final/{k}": v for k, v in record.get("metrics", {}).items()}
+    summary.update({f"cost/{k}": v for k, v in (record.get("cost") or {}).items()})
+    summary["sparsity/final"] = sparsity.get("global")
+    summary["config_hash"] = record.get("config_hash")
+    run.summary.update(summary)

@@ -1,0 +1,244 @@
+"""Trade-off figures from many records: accuracy vs sparsity, accuracy vs training FLOPs,
+and the sparsity curves (global sparsity, mask turnover, ITOP rate) of every run.
+
+Each function writes one PNG (matplotlib, Agg backend) and returns its path, or None when
+the records hold nothing to draw (no completed run, no FLOPs field, no sparsity curve).
+Error bars are the sample standard deviation over seeds, as in the tables.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from prunelab.report.records import Record  # noqa: E402
+from prunelab.report.table import FAILED, MISSING, RUNNING, Table, aggregate  # noqa: E402
+
+log = logging.getLogger(__name__)
+
+FLOPS_TRAIN = "cost.flops_train"
+CURVE_KEYS = (
+    ("sparsity/global", "global sparsity"),
+    ("mask/turnover", "mask turnover"),
+    ("mask/itop_rate", "ITOP rate (ever active)"),
+)
+_LINESTYLES = ("-", "--", ":", "-.")
+
+
+def _label(value: Any) -> str:
+    return "?" if value is None else str(value)
+
+
+def _series(table: Table, extra: str | None = None) -> dict[str, dict[str, Any]]:
+    """Per row (method): x (sparsity or the extra), y = mean, yerr = std, dense flag."""
+    out: dict[str, dict[str, Any]] = {}
+    for row in table.row_keys:
+        points = []
+        dense = False
+        for col in table.col_keys:
+            cell = table.cells.get((row, col))
+            if cell is None or cell.status in (MISSING, FAILED, RUNNING):
+                continue
+            x = cell.extras.get(extra) if extra else col[0]
+            if x is None:
+                continue
+            dense = dense or cell.shared or cell.dense
+            points.append((float(x), cell.mean, cell.std or 0.0))
+        if dense:  # one value repeated over the sparsity columns: keep one point
+            points = points[:1]
+        if points:
+            points.sort()
+            out[_label(row[0])] = {
+                "x": [p[0] for p in points],
+                "y": [p[1] for p in points],
+                "yerr": [p[2] for p in points],
+                "dense": dense,
+            }
+    return out
+
+
+def _save(fig: Any, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_accuracy_vs_sparsity(
+    records: list[Record],
+    path: str | Path,
+    metric: str = "test/acc",
+    group: str = "pruning",
+    scale: float = 100,
+) -> Path | None:
+    """``metric`` (mean ± std over seeds) against sparsity, one line per ``group`` value.
+
+    The dense baseline is a horizontal line with a band of ± one std.
+    """
+    series = _series(aggregate(records, [group], ["sparsity"], metric))
+    if not series:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 4))
+    xs = sorted({x for s in series.values() if not s["dense"] for x in s["x"]})
+    for name, s in series.items():
+        y = [v * scale for v in s["y"]]
+        err = [v * scale for v in s["yerr"]]
+        if s["dense"] and xs:
+            line = ax.axhline(y[0], color="black", linestyle="--", linewidth=1, label=name)
+            ax.axhspan(y[0] - err[0], y[0] + err[0], color=line.get_color(), alpha=0.1)
+        else:
+            ax.errorbar(s["x"], y, yerr=err, marker="o", capsize=3, label=name)
+    ax.set_xlabel("sparsity")
+    ax.set_ylabel(f"{metric}" + (" (%)" if scale == 100 else ""))
+    if xs:
+        ax.set_xticks(xs)
+        ax.set_xticklabels([f"{100 * x:g}%" for x in xs])
+    ax.grid(alpha=0.3)
+    ax.legend(title=group)
+    ax.set_title(f"{metric} vs sparsity (mean ± std over seeds)")
+    return _save(fig, path)
+
+
+def plot_accuracy_vs_flops(
+    records: list[Record],
+    path: str | Path,
+    metric: str = "test/acc",
+    flops_key: str = FLOPS_TRAIN,
+    group: str = "pruning",
+    scale: float = 100,
+) -> Path | None:
+    """``metric`` against ``flops_key`` (log scale), one line per method over sparsities.
+
+    Returns None (draws nothing) when no completed run has the FLOPs field.
+    """
+    table = aggregate(records, [group], ["sparsity"], metric, extra_metrics=(flops_key,))
+    series = _series(table, extra=flops_key)
+    if not series:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, s in series.items():
+        y = [v * scale for v in s["y"]]
+        err = [v * scale for v in s["yerr"]]
+        marker = "*" if s["dense"] else "o"
+        ax.errorbar(s["x"], y, yerr=err, marker=marker, markersize=8, capsize=3, label=name)
+    ax.set_xscale("log")
+    ax.set_xlabel(flops_key)
+    ax.set_ylabel(f"{metric}" + (" (%)" if scale == 100 else ""))
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(title=group)
+    ax.set_title(f"{metric} vs {flops_key.rsplit('.', 1)[-1]}")
+    return _save(fig, path)
+
+
+def plot_sparsity_curves(
+    records: list[Record], path: str | Path, group: str = "pruning"
+) -> Path | None:
+    """Every run's sparsity curve overlaid: global sparsity, mask turnover and ITOP rate
+    against the optimizer step; one colour per ``group`` value, one line style per target
+    sparsity. Returns None when no run has a curve.
+    """
+    runs = [r for r in records if r.completed and r.data.get("sparsity_curve")]
+    if not runs:
+        return None
+    groups = sorted({_label(r.get(group)) for r in runs})
+    colours = {g: f"C{i % 10}" for i, g in enumerate(groups)}
+    levels = sorted({float(r.get("sparsity") or 0.0) for r in runs})
+    styles = {s: _LINESTYLES[i % len(_LINESTYLES)] for i, s in enumerate(levels)}
+    fig, axes = plt.subplots(1, len(CURVE_KEYS), figsize=(5 * len(CURVE_KEYS), 3.6))
+    labelled: set[str] = set()
+    for record in runs:
+        name = _label(record.get(group))
+        level = float(record.get("sparsity") or 0.0)
+        label = f"{name} {100 * level:g}%"
+        points = [p for p in record.data["sparsity_curve"] if isinstance(p, dict)]
+        steps = [p.get("step", i) for i, p in enumerate(points)]
+        for ax, (key, _) in zip(axes, CURVE_KEYS, strict=True):
+            ys = [p.get(key) for p in points]
+            if all(y is None for y in ys):
+                continue
+            ax.plot(
+                steps,
+                [float("nan") if y is None else y for y in ys],
+                color=colours[name],
+                linestyle=styles[level],
+                marker=".",
+                alpha=0.7,
+                label=None if label in labelled else label,
+            )
+        labelled.add(label)
+    for ax, (_, title) in zip(axes, CURVE_KEYS, strict=True):
+        ax.set_xlabel("optimizer step")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize="small")
+    return _save(fig, path)
+
+
+def plot_all(
+    records: list[Record],
+    out_dir: str | Path,
+    metric: str = "test/acc",
+    group: str = "pruning",
+    flops_key: str = FLOPS_TRAIN,
+) -> tuple[dict[str, Path], list[str]]:
+    """Write every figure to ``out_dir``; return {name: path} and notes on what was skipped."""
+    out_dir = Path(out_dir)
+    written: dict[str, Path] = {}
+    notes: list[str] = []
+    jobs = {
+        "accuracy_vs_sparsity": lambda p: plot_accuracy_vs_sparsity(records, p, metric, group),
+        "accuracy_vs_flops": lambda p: plot_accuracy_vs_flops(records, p, metric, flops_key, group),
+        "sparsity_curves": lambda p: plot_sparsity_curves(records, p, group),
+    }
+    why = {
+        "accuracy_vs_sparsity": f"no completed run reports {metric}",
+        "accuracy_vs_flops": f"no completed run has {flops_key}",
+        "sparsity_curves": "no completed run has a sparsity_curve",
+    }
+    for name, draw in jobs.items():
+        path = draw(out_dir / f"{name}.png")
+        if path is None:
+            notes.append(f"skipped {name}: {why[name]}")
+        else:
+            written[name] = path
+    return written, notes
+
+
+def log_to_wandb(
+    images: dict[str, Path],
+    run_dir: str | Path,
+    project: str = "prunelab",
+    mode: str | None = None,
+) -> str:
+    """Log the PNGs as images of a new W&B run (job type ``report``) kept in ``run_dir``.
+
+    ``mode`` defaults to the environment's ``WANDB_MODE`` or prunelab's auto-detection
+    (offline without an API key or network). Returns the W&B run's id.
+    """
+    import wandb
+
+    from prunelab.tracking.wandb_setup import resolve_mode
+
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    run = wandb.init(
+        project=project,
+        dir=str(run_dir),
+        mode=mode or resolve_mode("auto"),
+        job_type="report",
+        name="report",
+        settings=wandb.Settings(console="off", x_disable_stats=True, silent=True),
+    )
+    try:
+        run.log({f"report/{name}": wandb.Image(str(path)) for name, path in images.items()})
+        return run.id
+    finally:
+        run.finish()
