@@ -172,6 +172,17 @@ def _scalar_metrics(metrics: dict[str, Any]) -> dict[str, float]:
     return out
 
 
+def _cell_hash(cfg: DictConfig) -> str:
+    """The experiment cell of a config: its hash without seed, paths and logger, computed on
+    the config as written. The dense baseline ignores ``sparsity``, so it is hashed with
+    sparsity 0: a sweep over sparsities shares one dense cell (and skip_completed runs it
+    once per seed)."""
+    unresolved = OmegaConf.to_container(cfg, resolve=False)
+    if OmegaConf.select(cfg, "pruning.name") == "dense":
+        unresolved["sparsity"] = 0.0
+    return config_hash(unresolved)
+
+
 def train(cfg: DictConfig, callbacks: list | None = None) -> dict[str, Any]:
     """Run one training job described by ``cfg``; return its results record.
 
@@ -187,17 +198,15 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> dict[str, Any]:
         validate(cfg)
     except ConfigError as err:
         if _is_multirun():  # the sweep's table must show this cell as failed
+            unresolved = OmegaConf.to_container(cfg, resolve=False)
             RunRecord(
-                run_dir,
-                OmegaConf.to_container(cfg, resolve=False),
-                seed=cfg.get("seed", 0),
-                config_hash=config_hash(OmegaConf.to_container(cfg, resolve=False)),
+                run_dir, unresolved, seed=cfg.get("seed", 0), config_hash=_cell_hash(cfg)
             ).fail(err)
         raise
     config = OmegaConf.to_container(cfg, resolve=True)
     # Hash the config as written (interpolations such as dataset.seed=${seed} unresolved),
     # so that seeds and machines do not change an experiment cell's name.
-    cell = config_hash(OmegaConf.to_container(cfg, resolve=False))
+    cell = _cell_hash(cfg)
     if cfg.get("skip_completed"):
         done = _completed_elsewhere(cfg, cell, int(cfg.seed))
         if done is not None:

@@ -170,3 +170,12 @@ def test_ddp_ranks_choose_identical_masks(tmp_path, method):
     assert record["status"] == "completed"
     assert record["sparsity"]["rank_checks"] == record["sparsity"]["n_updates"] >= 5
     assert abs(record["sparsity"]["global"] - 0.9) <= 1e-3
+
+
+def test_dense_cell_is_shared_across_sparsities(compose_cfg, tmp_path):
+    a = train(compose_cfg("pruning=dense", "sparsity=0.8", run_dir=tmp_path / "a"))
+    b = train(compose_cfg("pruning=dense", "sparsity=0.95", run_dir=tmp_path / "b"))
+    c = train(compose_cfg("pruning=static", "sparsity=0.8", run_dir=tmp_path / "c"))
+    d = train(compose_cfg("pruning=static", "sparsity=0.95", run_dir=tmp_path / "d"))
+    assert a["config_hash"] == b["config_hash"]
+    assert len({a["config_hash"], c["config_hash"], d["config_hash"]}) == 3

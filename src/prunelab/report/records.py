@@ -280,6 +280,12 @@ def _run_dirs_under(top: Path) -> set[Path]:
     return found
 
 
+def _glob_depth(pattern: str) -> int:
+    """How many leading parts of ``pattern`` are plain folder names (no wildcards)."""
+    parts = Path(pattern).parts
+    return next((i for i, part in enumerate(parts) if glob.has_magic(part)), len(parts))
+
+
 def find_records(paths: list[str | Path]) -> list[Record]:
     """Every run under ``paths``: multirun folders, run folders, results files or globs.
 
@@ -297,6 +303,8 @@ def find_records(paths: list[str | Path]) -> list[Record]:
             continue
         for match in matches:
             path = Path(match)
+            if _SKIP_DIRS & set(path.parts[_glob_depth(text) :]):
+                continue  # a glob that reached into a run's wandb/ or checkpoints/ folder
             if path.is_dir():
                 run_dirs |= _run_dirs_under(path)
             elif path.name == files.RESULTS:
