@@ -43,8 +43,8 @@ format: $(STAMP) ## Format code with ruff
 	$(PY) -m ruff check --fix src tests scripts train.py
 	$(PY) -m ruff format src tests scripts train.py
 
-wandb-sync: $(STAMP) ## Upload offline W&B runs (needs an account and network)
-	$(VENV)/bin/wandb sync --sync-all outputs/
+wandb-sync: $(STAMP) ## Upload every offline W&B run under outputs/ (needs an account and network)
+	find outputs -type d -name 'offline-run-*' -print0 | xargs -0 -r $(VENV)/bin/wandb sync
 
 clean: ## Remove caches (keeps .venv and outputs/)
 	rm -rf .pytest_cache .ruff_cache .hypothesis

@@ -247,7 +247,9 @@ def test_cell_mixing_configurations_gets_a_note():
     records = [rec("rigl", 0.9, seed=0, lr=0.01), rec("rigl", 0.9, seed=1, lr=0.1)]
     table = aggregate(records, ["pruning"], ["sparsity"], "test/acc")
     assert any("optimizer.lr" in n and "rigl/90%" in n for n in table.notes)
-    same = aggregate([rec("rigl", 0.9, seed=s) for s in (0, 1)], ["pruning"], ["sparsity"], "test/acc")
+    same = aggregate(
+        [rec("rigl", 0.9, seed=s) for s in (0, 1)], ["pruning"], ["sparsity"], "test/acc"
+    )
     assert same.notes == []
 
 
@@ -297,7 +299,9 @@ def test_extra_columns_relative_to_dense_scientific_or_absent():
     rows = list(csv.DictReader(io.StringIO(to_csv(table))))
     assert float(rows[1]["cost.flops_train/dense"]) == pytest.approx(0.25)
 
-    sparse_only = aggregate(records[2:], ["pruning"], ["sparsity"], "test/acc", ["cost.flops_train"])
+    sparse_only = aggregate(
+        records[2:], ["pruning"], ["sparsity"], "test/acc", ["cost.flops_train"]
+    )
     assert "1.00e+12" in to_markdown(sparse_only)  # no dense run: scientific notation
 
     absent = aggregate(records, ["pruning"], ["sparsity"], "test/acc", ["cost.flops_infer_sparse"])
@@ -346,7 +350,9 @@ def test_published_files_load_with_sources(tmp_path):
         assert published.source and published.note and published.entries
         assert all(e.source and 0 < e.value <= 1 for e in published.entries)
     lenet = load_published("lenet300_mnist")
-    values = {(str(e.conditions["pruning"]), e.conditions.get("sparsity")): e for e in lenet.entries}
+    values = {
+        (str(e.conditions["pruning"]), e.conditions.get("sparsity")): e for e in lenet.entries
+    }
     assert values[("dense", None)].value == pytest.approx(0.9869)
     assert values[("snfs", 0.95)].value == pytest.approx(0.9853)
     assert values[("['rigl', 'dynamic']", 0.87)].value == pytest.approx(0.9852)
@@ -354,7 +360,12 @@ def test_published_files_load_with_sources(tmp_path):
     wrn = {e.label: e.value for e in load_published("wrn22_2_cifar10").entries}
     assert wrn["RigL (ERK)"] == pytest.approx(0.931) and wrn["Static"] == pytest.approx(0.912)
     lottery = load_published("mnist1d_lottery").entries
-    assert any(e.conditions == {"dataset": "mnist1d", "model": "mlp", "pruning": "random", "sparsity": 0.99} and e.value == pytest.approx(0.169) for e in lottery)
+    assert any(
+        e.conditions
+        == {"dataset": "mnist1d", "model": "mlp", "pruning": "random", "sparsity": 0.99}
+        and e.value == pytest.approx(0.169)
+        for e in lottery
+    )
     with pytest.raises(FileNotFoundError, match="lenet300_mnist"):
         load_published("nope")
     bad = tmp_path / "bad.yaml"
