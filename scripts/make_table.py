@@ -31,15 +31,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description="Aggregate results records over seeds into a Markdown, LaTeX or CSV table."
     )
     parser.add_argument("paths", nargs="*", metavar="PATH", help="runs, multiruns or globs")
-    parser.add_argument("--rows", nargs="+", default=["pruning"], help="row keys (pruning)")
-    parser.add_argument("--cols", nargs="+", default=["sparsity"], help="column keys (sparsity)")
+    parser.add_argument(
+        "--rows", action="append", help="row key(s): --rows pruning,distribution (pruning)"
+    )
+    parser.add_argument("--cols", action="append", help="column key(s) (sparsity)")
     parser.add_argument("--metric", default="test/acc", help="metric in the cells (test/acc)")
     parser.add_argument(
         "--extra",
-        nargs="+",
-        action="extend",
+        action="append",
         default=[],
-        help="extra columns, e.g. cost.flops_train",
+        help="extra column(s), repeatable or comma-separated: --extra cost.flops_train",
     )
     parser.add_argument(
         "--extra-format",
@@ -49,7 +50,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--format", choices=("markdown", "latex", "csv"), default="markdown")
     parser.add_argument(
-        "--scale", type=float, default=None, help="multiply values (default 100; csv: 1)"
+        "--scale",
+        type=float,
+        default=None,
+        help="multiply values (default: 100 for accuracies, else 1; csv: 1)",
     )
     parser.add_argument("--digits", type=int, default=2, help="decimals (markdown, latex)")
     parser.add_argument("--out", type=Path, help="also write the table to this file")
@@ -61,6 +65,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--wandb", metavar="ENTITY/PROJECT", help="also read runs from W&B")
     parser.add_argument("--wandb-filters", metavar="JSON", help='W&B filters, e.g. {"group": "x"}')
     return parser.parse_args(argv)
+
+
+def _keys(values: list[str]) -> list[str]:
+    """``['pruning,distribution']`` or ``['pruning', 'distribution']`` (repeated flag) -> keys."""
+    return [key for value in values for key in value.split(",") if key]
 
 
 def fail(message: str, code: int = 1) -> None:
@@ -90,14 +99,16 @@ def main(argv: list[str] | None = None) -> int:
         where = " ".join(args.paths + ([f"wandb:{args.wandb}"] if args.wandb else []))
         fail(f"no results found in {where} (looked for results.json and .hydra/overrides.yaml)")
 
-    table = aggregate(records, args.rows, args.cols, args.metric, extra_metrics=args.extra)
+    rows, cols = _keys(args.rows or ["pruning"]), _keys(args.cols or ["sparsity"])
+    table = aggregate(records, rows, cols, args.metric, extra_metrics=_keys(args.extra))
     if args.format == "csv":
         text = to_csv(table, scale=1 if args.scale is None else args.scale, published=published)
     else:
         render = to_latex if args.format == "latex" else to_markdown
+        percent = "acc" in args.metric.rsplit("/", 1)[-1]  # accuracies are fractions
         text = render(
             table,
-            scale=100 if args.scale is None else args.scale,
+            scale=args.scale if args.scale is not None else (100 if percent else 1),
             digits=args.digits,
             published=published,
             extra_format=args.extra_format,

@@ -13,6 +13,10 @@ CSV_DIR = "csv"
 METRICS_CSV = "metrics.csv"
 WANDB_DIR = "wandb"
 HYDRA_DIR = ".hydra"
+# Files Hydra writes in HYDRA_DIR of every job.
+HYDRA_OVERRIDES = "overrides.yaml"
+HYDRA_CONFIG = "config.yaml"
+HYDRA_HYDRA = "hydra.yaml"
 
 
 def results_path(run_dir: str | Path) -> Path:

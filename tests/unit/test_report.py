@@ -468,3 +468,13 @@ def test_plots_write_pngs_and_skip_what_is_absent(tmp_path):
         r.data["cost"] = {"flops_train": 1e9 * (2 - r.get("sparsity"))}
     written, notes = plot_all(records, tmp_path / "plots2")
     assert "accuracy_vs_flops" in written and notes == []
+
+
+def test_extra_relative_to_the_only_dense_baseline_across_other_keys():
+    records = [rec("dense", 0.9, distribution="uniform", cost={"flops_train": 4e12})]
+    records += [rec("rigl", 0.9, distribution="erk", cost={"flops_train": 2e12})]
+    table = aggregate(
+        records, ["pruning", "distribution"], ["sparsity"], "test/acc", ["cost.flops_train"]
+    )
+    assert table.cell(("rigl", "erk"), 0.9).dense_ref == {"cost.flops_train": 4e12}
+    assert "| 0.50× |" in to_markdown(table)

@@ -1,26 +1,24 @@
 """Trade-off figures from many records: accuracy vs sparsity, accuracy vs training FLOPs,
 and the sparsity curves (global sparsity, mask turnover, ITOP rate) of every run.
 
-Each function writes one PNG (matplotlib, Agg backend) and returns its path, or None when
-the records hold nothing to draw (no completed run, no FLOPs field, no sparsity curve).
-Error bars are the sample standard deviation over seeds, as in the tables.
+Each function writes one PNG and returns its path, or None when the records hold nothing
+to draw (no completed run, no FLOPs field, no sparsity curve). Error bars are the sample
+standard deviation over seeds, as in the tables. Figures are drawn with matplotlib's
+object API on its Agg canvas (``Figure.savefig``), so no display and no pyplot state is
+involved, whatever backend the caller uses.
 """
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Any
 
-import matplotlib
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.ticker import NullFormatter
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
-from prunelab.report.records import Record  # noqa: E402
-from prunelab.report.table import FAILED, MISSING, RUNNING, Table, aggregate  # noqa: E402
-
-log = logging.getLogger(__name__)
+from prunelab.report.records import DENSE, Record
+from prunelab.report.table import FAILED, MISSING, RUNNING, Table, aggregate, sort_key
 
 FLOPS_TRAIN = "cost.flops_train"
 CURVE_KEYS = (
@@ -33,6 +31,13 @@ _LINESTYLES = ("-", "--", ":", "-.")
 
 def _label(value: Any) -> str:
     return "?" if value is None else str(value)
+
+
+def _colours(names: list[str], group: str) -> dict[str, str]:
+    """One colour per method, the same in every figure: black for dense, then C0, C1, ..."""
+    ordered = sorted(set(names), key=lambda name: sort_key(group, name))
+    others = [n for n in ordered if n != DENSE]
+    return {DENSE: "black", **{n: f"C{i % 10}" for i, n in enumerate(others)}}
 
 
 def _series(table: Table, extra: str | None = None) -> dict[str, dict[str, Any]]:
@@ -63,12 +68,17 @@ def _series(table: Table, extra: str | None = None) -> dict[str, dict[str, Any]]
     return out
 
 
-def _save(fig: Any, path: str | Path) -> Path:
+def _figure(width: float, height: float, ncols: int = 1) -> tuple[Figure, Any]:
+    fig = Figure(figsize=(width, height))
+    FigureCanvasAgg(fig)
+    return fig, fig.subplots(1, ncols)
+
+
+def _save(fig: Figure, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
     return path
 
 
@@ -86,16 +96,18 @@ def plot_accuracy_vs_sparsity(
     series = _series(aggregate(records, [group], ["sparsity"], metric))
     if not series:
         return None
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = _figure(6, 4)
     xs = sorted({x for s in series.values() if not s["dense"] for x in s["x"]})
+    colours = _colours(list(series), group)
     for name, s in series.items():
         y = [v * scale for v in s["y"]]
         err = [v * scale for v in s["yerr"]]
+        colour = colours.get(name, "black")
         if s["dense"] and xs:
-            line = ax.axhline(y[0], color="black", linestyle="--", linewidth=1, label=name)
-            ax.axhspan(y[0] - err[0], y[0] + err[0], color=line.get_color(), alpha=0.1)
+            ax.axhline(y[0], color=colour, linestyle="--", linewidth=1, label=name)
+            ax.axhspan(y[0] - err[0], y[0] + err[0], color=colour, alpha=0.1)
         else:
-            ax.errorbar(s["x"], y, yerr=err, marker="o", capsize=3, label=name)
+            ax.errorbar(s["x"], y, yerr=err, color=colour, marker="o", capsize=3, label=name)
     ax.set_xlabel("sparsity")
     ax.set_ylabel(f"{metric}" + (" (%)" if scale == 100 else ""))
     if xs:
@@ -123,13 +135,18 @@ def plot_accuracy_vs_flops(
     series = _series(table, extra=flops_key)
     if not series:
         return None
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = _figure(6, 4)
+    colours = _colours(list(series), group)
     for name, s in series.items():
         y = [v * scale for v in s["y"]]
         err = [v * scale for v in s["yerr"]]
         marker = "*" if s["dense"] else "o"
-        ax.errorbar(s["x"], y, yerr=err, marker=marker, markersize=8, capsize=3, label=name)
+        colour = colours.get(name, "black")
+        ax.errorbar(
+            s["x"], y, yerr=err, color=colour, marker=marker, markersize=8, capsize=3, label=name
+        )
     ax.set_xscale("log")
+    ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set_xlabel(flops_key)
     ax.set_ylabel(f"{metric}" + (" (%)" if scale == 100 else ""))
     ax.grid(alpha=0.3, which="both")
@@ -148,11 +165,11 @@ def plot_sparsity_curves(
     runs = [r for r in records if r.completed and r.data.get("sparsity_curve")]
     if not runs:
         return None
-    groups = sorted({_label(r.get(group)) for r in runs})
-    colours = {g: f"C{i % 10}" for i, g in enumerate(groups)}
+    colours = _colours([_label(r.get(group)) for r in runs], group)
     levels = sorted({float(r.get("sparsity") or 0.0) for r in runs})
     styles = {s: _LINESTYLES[i % len(_LINESTYLES)] for i, s in enumerate(levels)}
-    fig, axes = plt.subplots(1, len(CURVE_KEYS), figsize=(5 * len(CURVE_KEYS), 3.6))
+    fig, axes = _figure(5 * len(CURVE_KEYS), 3.6, ncols=len(CURVE_KEYS))
+    axes = list(axes.flat)
     labelled: set[str] = set()
     for record in runs:
         name = _label(record.get(group))

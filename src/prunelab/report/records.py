@@ -36,10 +36,6 @@ from prunelab.tracking.results import read_record
 log = logging.getLogger(__name__)
 
 # Files Hydra writes in <job>/.hydra/ when a job starts (before any results record).
-# TODO: move to prunelab.files (asked for; not ours to edit).
-HYDRA_OVERRIDES = "overrides.yaml"
-HYDRA_CONFIG = "config.yaml"
-HYDRA_HYDRA = "hydra.yaml"
 
 # Sub-folders of a run that never hold another run: not searched (W&B folders are large).
 _SKIP_DIRS = {files.WANDB_DIR, files.CHECKPOINT_DIR, files.CSV_DIR, "__pycache__", ".git"}
@@ -130,7 +126,7 @@ class Record:
         """The record of a run or Hydra job folder (a ``failed`` one when it has no results)."""
         run_dir = Path(run_dir)
         hydra_dir = run_dir / files.HYDRA_DIR
-        overrides = _read_yaml(hydra_dir / HYDRA_OVERRIDES)
+        overrides = _read_yaml(hydra_dir / files.HYDRA_OVERRIDES)
         data = read_record(run_dir)
         if data is None:
             exists = files.results_path(run_dir).exists()
@@ -141,7 +137,7 @@ class Record:
                 else f"no {files.RESULTS}: the job stopped before training; see its log",
                 "run_dir": str(run_dir),
             }
-            config = _read_yaml(hydra_dir / HYDRA_CONFIG)
+            config = _read_yaml(hydra_dir / files.HYDRA_CONFIG)
             if isinstance(config, dict):
                 data["config"] = config
         return cls(
@@ -182,7 +178,7 @@ class Record:
         if isinstance(choices, dict) and choices:
             return choices
         if self.hydra_dir is not None:
-            hydra = _read_yaml(self.hydra_dir / HYDRA_HYDRA)
+            hydra = _read_yaml(self.hydra_dir / files.HYDRA_HYDRA)
             found = lookup(hydra, "hydra.runtime.choices")
             if isinstance(found, dict):
                 return {k: str(v) for k, v in found.items()}
@@ -274,7 +270,7 @@ def _run_dirs_under(top: Path) -> set[Path]:
         here = Path(dirpath)
         if files.RESULTS in filenames:
             found.add(here)
-        if here.name == files.HYDRA_DIR and HYDRA_OVERRIDES in filenames:
+        if here.name == files.HYDRA_DIR and files.HYDRA_OVERRIDES in filenames:
             found.add(here.parent)
         dirnames[:] = sorted(d for d in dirnames if d not in _SKIP_DIRS)
     return found
@@ -294,6 +290,8 @@ def find_records(paths: list[str | Path]) -> list[Record]:
     Paths that match nothing are logged and skipped. Records come sorted by folder
     (job 10 after job 9).
     """
+    if isinstance(paths, (str, Path)):
+        paths = [paths]
     run_dirs: set[Path] = set()
     for raw in paths:
         text = str(raw)
@@ -309,7 +307,7 @@ def find_records(paths: list[str | Path]) -> list[Record]:
                 run_dirs |= _run_dirs_under(path)
             elif path.name == files.RESULTS:
                 run_dirs.add(path.parent)
-            elif path.name == HYDRA_OVERRIDES and path.parent.name == files.HYDRA_DIR:
+            elif path.name == files.HYDRA_OVERRIDES and path.parent.name == files.HYDRA_DIR:
                 run_dirs.add(path.parent.parent)
     ordered = sorted({d.resolve() for d in run_dirs}, key=lambda d: _natural_key(str(d)))
     return [Record.from_dir(d) for d in ordered]

@@ -127,7 +127,8 @@ def _norm_key(key: Key) -> Key:
     return tuple(_norm(v) for v in key)
 
 
-def _sort_value(dim: str, value: Any) -> tuple:
+def sort_key(dim: str, value: Any) -> tuple:
+    """Order of values in rows/columns: methods by taxonomy, numbers, strings, None."""
     if value is None:
         return (3, "")
     if dim == "pruning" and str(value) in METHOD_ORDER:
@@ -138,9 +139,7 @@ def _sort_value(dim: str, value: Any) -> tuple:
 
 
 def _sorted_keys(keys: set[Key], dims: list[str]) -> list[Key]:
-    return sorted(
-        keys, key=lambda k: tuple(_sort_value(d, v) for d, v in zip(dims, k, strict=True))
-    )
+    return sorted(keys, key=lambda k: tuple(sort_key(d, v) for d, v in zip(dims, k, strict=True)))
 
 
 def _mean(values: list[float]) -> float | None:
@@ -211,8 +210,8 @@ def _flatten(obj: Any, prefix: str = "") -> dict[str, str]:
 def _differing_keys(records: list[Record], dense: bool) -> dict[str, list[str]]:
     """Config keys whose values differ between the completed runs of one cell.
 
-    Seeds, paths, loggers (what the config hash leaves out) are ignored, and ``sparsity``
-    for the dense baseline, which does not use it.
+    Seeds, paths, loggers (what the config hash leaves out) and folders (``*_dir``) are
+    ignored, and ``sparsity`` for the dense baseline, which does not use it.
     """
     skip = set(HASH_EXCLUDED_KEYS) | ({"sparsity"} if dense else set())
     flats = []
@@ -224,7 +223,7 @@ def _differing_keys(records: list[Record], dense: bool) -> dict[str, list[str]]:
         return {}
     differing = {}
     for key in sorted(set().union(*flats)):
-        if key.rstrip(".").endswith("seed"):
+        if key.rstrip(".").endswith(("seed", "_dir")):  # per-seed or per-machine values
             continue
         values = sorted({f.get(key, "<absent>") for f in flats})
         if len(values) > 1:
@@ -273,14 +272,15 @@ def aggregate(
         cells[(key[: len(rows)], key[len(rows) :])] = cell
 
     # Dense reference for the extra columns: the dense cell that agrees on every key but
-    # pruning and sparsity.
+    # pruning and sparsity, else the only dense baseline there is.
     free = [i for i, d in enumerate(dims) if d not in ("pruning", "sparsity")]
     dense_means: dict[Key, dict[str, float | None]] = {}
     for (row, col), cell in cells.items():
         if cell.dense:
             dense_means.setdefault(tuple((row + col)[i] for i in free), cell.extras)
+    only = next(iter(dense_means.values())) if len(dense_means) == 1 else {}
     for (row, col), cell in cells.items():
-        cell.dense_ref = dense_means.get(tuple((row + col)[i] for i in free), {})
+        cell.dense_ref = dense_means.get(tuple((row + col)[i] for i in free), only)
 
     table = Table(
         rows=rows,

@@ -1,0 +1,162 @@
+"""Hardware cost of a pruned model: FLOPs, training FLOPs, sizes, latency, energy, export.
+
+Pure torch (no Lightning, no Hydra). One module per concern:
+
+- :mod:`.flops` — dense per-layer FLOPs measured with torch's FLOP counter, scaled by density;
+- :mod:`.training` — training FLOPs per method (Evci et al. 2020, appendix H);
+- :mod:`.size` — parameter counts, compression ratio, bytes in dense/CSR/bitmask/int8 formats;
+- :mod:`.latency` — measured latency and peak memory of dense/masked/sparse/compact models;
+- :mod:`.energy` — an energy estimate from Horowitz (2014)'s 45 nm table;
+- :mod:`.export` — state dict, compact sparse checkpoint, ONNX.
+
+:func:`cost_report` gathers them into one flat dict for the results record and W&B.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from prunelab.cost import latency as _latency
+from prunelab.cost.energy import energy_report
+from prunelab.cost.export import export_all, load_sparse_checkpoint, save_sparse_checkpoint
+from prunelab.cost.flops import (
+    LayerFlops,
+    densities_of,
+    inference_report,
+    layer_flops,
+    sparse_forward_flops,
+)
+from prunelab.cost.latency import build_sparse_model, compact_linear_chain, measure_latency
+from prunelab.cost.size import size_report
+from prunelab.cost.training import (
+    METHOD_ACCOUNTING,
+    accounting_for,
+    dense_training_flops,
+    segments_from_history,
+    training_flops,
+    training_flops_x_dense,
+)
+from prunelab.errors import ConfigError
+from prunelab.models import prunable_parameters
+
+
+def cost_report(
+    model: nn.Module,
+    masks: Mapping[str, torch.Tensor] | None,
+    input_shape: Sequence[int],
+    history: Sequence[Mapping[str, Any]] | None = None,
+    total_steps: int | None = None,
+    samples_per_step: int | None = None,
+    method_name: str | None = None,
+    update_every: int | None = None,
+    measure_latency: bool = True,
+    latency_batch_sizes: Sequence[int] = (1, 256),
+    latency_repeats: int = 15,
+) -> dict[str, float | None]:
+    """Every cost of ``model`` pruned by ``masks`` (``None``: its zeros), as a flat dict.
+
+    ``input_shape`` is one sample's shape (no batch dimension). Inference densities are those
+    of the effective weights (kept by the mask and non-zero). Keys (per sample unless said):
+
+    - ``flops_infer_dense`` / ``flops_infer_sparse``: forward FLOPs, as torch's counter counts
+      them (2 per MAC of a conv/linear; element-wise ops 0); sparse = layer FLOPs x density
+      (:mod:`.flops`); ``macs_infer_dense`` / ``macs_infer_sparse`` = FLOPs / 2;
+      ``macs_prunable_dense`` / ``macs_prunable_sparse``: the prunable layers alone;
+    - ``theoretical_speedup`` = dense / sparse forward FLOPs (ShrinkBench);
+    - ``density_prunable``: kept fraction of the prunable weights;
+    - ``flops_train``: total training FLOPs by the method's appendix-H rule (:mod:`.training`)
+      from the engine ``history`` (per-update densities) over ``total_steps`` steps of
+      ``samples_per_step`` samples; ``flops_train_dense``: the dense run,
+      ``3 f_D x samples x steps``; ``flops_train_x_dense`` = their ratio. Present only when
+      ``total_steps``, ``samples_per_step`` and ``method_name`` are given. Without
+      ``history`` the final densities are taken as constant over training (exact for dense
+      and fixed masks; for RigL ``update_every`` then applies the paper's average; GMP and
+      one-shot need the history);
+    - ``params_total``, ``params_nonzero``, ``params_prunable``, ``params_prunable_nonzero``,
+      ``compression_ratio`` = total / non-zero parameters (ShrinkBench);
+    - ``bytes_dense_fp32``, ``bytes_csr``, ``bytes_bitmask``, ``bytes_int8_sparse``: stored
+      sizes of the parameters (:mod:`.size`);
+    - ``energy_uj_estimate_dense`` / ``_sparse`` (+ ``_compute``/``_weights``/``_activations``
+      parts, ``energy_ratio_estimate``): Horowitz-table estimate, batch 1, sparse weights read
+      in CSR (:mod:`.energy`);
+    - with ``measure_latency``: ``latency_ms/<variant>/b<batch>`` and
+      ``peak_tensor_alloc_mb/...`` (CPU) or ``peak_cuda_alloc_mb/...`` (CUDA) for variants
+      ``dense``, ``masked``, ``sparse`` (CSR Linear layers) and, for Linear chains only,
+      ``compact`` (:mod:`.latency`); median over ``latency_repeats`` blocks.
+    """
+    params_all = dict(model.named_parameters())
+    if masks is not None:
+        unknown = [n for n in masks if n not in params_all]
+        if unknown:
+            raise ConfigError(f"masks name parameters the model does not have: {unknown[:3]}")
+        params = {n: params_all[n] for n in masks}
+    else:
+        params = prunable_parameters(model)
+    lf = layer_flops(model, input_shape, params=params)
+    densities = densities_of(params, masks)
+    report: dict[str, Any] = dict(inference_report(lf, densities))
+    numel = sum(p.numel() for p in params.values())
+    report["density_prunable"] = (
+        sum(densities[n] * p.numel() for n, p in params.items()) / numel if numel else 1.0
+    )
+    report.update(size_report(model, masks if masks is not None else None))
+    report.update(
+        energy_report(
+            lf,
+            report["macs_infer_dense"],
+            report["macs_infer_sparse"],
+            report["bytes_dense_fp32"],
+            report["bytes_csr"],
+        )
+    )
+    if total_steps is not None and samples_per_step is not None and method_name is not None:
+        accounting = accounting_for(method_name)
+        if history:
+            segments = segments_from_history(history, total_steps)
+        elif accounting in ("gradual", "one_shot"):
+            raise ConfigError(
+                f"training FLOPs of '{method_name}' need the sparsity history (engine.history)"
+            )
+        else:
+            segments = [(int(total_steps), densities, None)]
+        flops = training_flops(lf, segments, samples_per_step, accounting, update_every)
+        report["flops_train"] = flops
+        report["flops_train_dense"] = dense_training_flops(lf, samples_per_step, total_steps)
+        report["flops_train_x_dense"] = training_flops_x_dense(
+            flops, lf, samples_per_step, total_steps
+        )
+    if measure_latency:
+        report.update(
+            _latency.latency_report(
+                model, masks, input_shape, latency_batch_sizes, repeats=latency_repeats
+            )
+        )
+    return report
+
+
+__all__ = [
+    "METHOD_ACCOUNTING",
+    "LayerFlops",
+    "accounting_for",
+    "build_sparse_model",
+    "compact_linear_chain",
+    "cost_report",
+    "dense_training_flops",
+    "densities_of",
+    "energy_report",
+    "export_all",
+    "inference_report",
+    "layer_flops",
+    "load_sparse_checkpoint",
+    "measure_latency",
+    "save_sparse_checkpoint",
+    "segments_from_history",
+    "size_report",
+    "sparse_forward_flops",
+    "training_flops",
+    "training_flops_x_dense",
+]
