@@ -162,6 +162,36 @@ def _completed_elsewhere(cfg: DictConfig, cell: str, seed: int) -> dict[str, Any
     return None
 
 
+def _cost(cfg: DictConfig, built: dict[str, Any], trainer: Any) -> dict[str, Any]:
+    """The run's hardware cost (cost/ package), or {} when switched off."""
+    from prunelab.cost import cost_report
+
+    settings = cfg.get("cost") or {}
+    if not settings.get("enabled", True):
+        return {}
+    engine, model = built["engine"], built["model"]
+    method = engine.method
+    samples = (
+        int(cfg.dataset.batch_size) * int(trainer.world_size) * int(trainer.accumulate_grad_batches)
+    )
+    drop = getattr(method, "drop_schedule", None)
+    model.eval()
+    report = cost_report(
+        model,
+        engine.masks,
+        tuple(built["datamodule"].input_shape),
+        history=engine.history,
+        total_steps=int(trainer.global_step),
+        samples_per_step=samples,
+        method_name=method.name,
+        update_every=drop.update_every if drop is not None else None,
+        measure_latency=bool(settings.get("latency", True)),
+        latency_batch_sizes=tuple(settings.get("latency_batch_sizes", (1, 256))),
+        latency_repeats=int(settings.get("latency_repeats", 15)),
+    )
+    return {k: v for k, v in report.items() if v is not None}
+
+
 def _scalar_metrics(metrics: dict[str, Any]) -> dict[str, float]:
     out = {}
     for key, value in metrics.items():
@@ -262,6 +292,9 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> dict[str, Any]:
         test_ckpt = "best" if cfg.test_ckpt == "best" and checkpoint.best_model_path else None
         test = trainer.test(built["module"], datamodule=built["datamodule"], ckpt_path=test_ckpt)
         metrics = _scalar_metrics({**fit_metrics, **(test[0] if test else {})})
+        cost = _cost(cfg, built, trainer)
+        for logger in loggers:
+            logger.log_metrics({f"cost/{k}": v for k, v in cost.items()}, step=trainer.global_step)
         record.complete(
             metrics=metrics,
             sparsity={
@@ -269,6 +302,7 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> dict[str, Any]:
                 **built["engine"].sparsity_report(),
             },
             sparsity_curve=built["engine"].history,
+            cost=cost,
             fit_time_s=round(fit_s, 3),
             epochs_completed=int(trainer.current_epoch),
             global_step=int(trainer.global_step),

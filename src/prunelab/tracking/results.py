@@ -32,6 +32,7 @@ HASH_EXCLUDED_KEYS = (
     "ckpt_path",
     "optimized_metric",
     "n_jobs",
+    "cost",
 )
 TRACKED_PACKAGES = (
     "torch",

@@ -12,6 +12,34 @@ def _fmt_pct(value: Any) -> str:
     return "-" if value is None else f"{100 * float(value):.2f}%"
 
 
+def _cost_rows(cost: dict[str, Any]) -> list[tuple[str, str]]:
+    if not cost:
+        return []
+    rows = [
+        (
+            "inference FLOPs",
+            f"{cost['flops_infer_sparse']:.3g} / sample "
+            f"({cost.get('theoretical_speedup', 1.0):.2f}x fewer than dense)",
+        ),
+        (
+            "size",
+            f"{cost['bytes_csr'] / 1024:.1f} KiB sparse (CSR) vs "
+            f"{cost['bytes_dense_fp32'] / 1024:.1f} KiB dense",
+        ),
+    ]
+    if "flops_train_x_dense" in cost:
+        rows.append(
+            (
+                "training FLOPs",
+                f"{cost['flops_train']:.3g} ({cost['flops_train_x_dense']:.2f}x dense)",
+            )
+        )
+    dense, sparse = cost.get("latency_ms/dense/b256"), cost.get("latency_ms/sparse/b256")
+    if dense is not None and sparse is not None:
+        rows.append(("latency b256", f"{sparse:.3f} ms sparse vs {dense:.3f} ms dense"))
+    return rows
+
+
 def summary_rows(record: dict[str, Any]) -> list[tuple[str, str]]:
     """The (label, value) rows of a run's summary, read from its results record."""
     choices = record.get("choices", {})
@@ -29,6 +57,7 @@ def summary_rows(record: dict[str, Any]) -> list[tuple[str, str]]:
         ("test accuracy", _fmt_pct(metrics.get("test/acc"))),
         ("best val accuracy", _fmt_pct(metrics.get("val/acc_best"))),
         ("parameters", f"{n_params:,} ({n_prunable:,} prunable)" if n_params else "?"),
+        *_cost_rows(record.get("cost") or {}),
         ("wall time", f"{record.get('wall_time_s', 0.0):.1f} s"),
         ("output dir", str(record.get("run_dir", "?"))),
     ]
