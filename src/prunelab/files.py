@@ -9,10 +9,17 @@ from pathlib import Path
 RESULTS = "results.json"
 CHECKPOINT_DIR = "checkpoints"
 LAST_CHECKPOINT = "last.ckpt"
+BEST_CHECKPOINT = "best.ckpt"
 CSV_DIR = "csv"
 METRICS_CSV = "metrics.csv"
 WANDB_DIR = "wandb"
 HYDRA_DIR = ".hydra"
+# Exports of a trained run (eval.py --export).
+EXPORT_DIR = "export"
+EXPORT_STATE_DICT = "state_dict.pt"
+EXPORT_SPARSE = "sparse.pt"
+EXPORT_ONNX = "model.onnx"
+EXPORT_REPORT = "export.json"
 # Files Hydra writes in HYDRA_DIR of every job.
 HYDRA_OVERRIDES = "overrides.yaml"
 HYDRA_CONFIG = "config.yaml"
@@ -37,3 +44,8 @@ def last_checkpoint(run_dir: str | Path) -> Path:
 def csv_metrics(run_dir: str | Path) -> Path:
     """The CSV log of every logged metric of a run."""
     return Path(run_dir) / CSV_DIR / METRICS_CSV
+
+
+def export_dir(run_dir: str | Path) -> Path:
+    """Where eval.py writes a run's exported model files."""
+    return Path(run_dir) / EXPORT_DIR

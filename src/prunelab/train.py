@@ -269,10 +269,18 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> dict[str, Any]:
         )
         checkpoint = ModelCheckpoint(
             dirpath=str(files.checkpoint_dir(run_dir)),
-            filename="best",
+            filename=Path(files.BEST_CHECKPOINT).stem,
             monitor="val/acc",
             mode="max",
-            save_last=True,
+        )
+        # Lightning's save_last only writes when the monitored checkpoint improves; resume
+        # needs the state at the end of every epoch, so a second callback keeps the latest.
+        latest = ModelCheckpoint(
+            dirpath=str(files.checkpoint_dir(run_dir)),
+            filename=Path(files.LAST_CHECKPOINT).stem,
+            monitor=None,
+            save_top_k=1,
+            enable_version_counter=False,
         )
         progress = []
         if cfg.trainer.get("enable_progress_bar", True):
@@ -282,7 +290,7 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> dict[str, Any]:
         trainer = hydra.utils.instantiate(
             cfg.trainer,
             logger=loggers,
-            callbacks=[checkpoint, *progress, *(callbacks or [])],
+            callbacks=[checkpoint, latest, *progress, *(callbacks or [])],
             default_root_dir=str(run_dir),
         )
         start = time.time()

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from prunelab import files
 from prunelab.errors import ConfigError
 from prunelab.models import prunable_parameters
 
@@ -201,10 +202,10 @@ def export_all(
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    dense_path = out / "state_dict.pt"
+    dense_path = out / files.EXPORT_STATE_DICT
     torch.save(masked_state_dict(model, masks), dense_path)
     return {
         "state_dict": dense_path,
-        "sparse": save_sparse_checkpoint(model, masks, out / "sparse.pt"),
-        "onnx": export_onnx(model, masks, input_shape, out / "model.onnx"),
+        "sparse": save_sparse_checkpoint(model, masks, out / files.EXPORT_SPARSE),
+        "onnx": export_onnx(model, masks, input_shape, out / files.EXPORT_ONNX),
     }
