@@ -45,15 +45,6 @@ LENET_SHAPE = (1, 28, 28)
 LENET_MACS = 784 * 300 + 300 * 100 + 100 * 10  # 266,200
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread is far faster than several on a busy CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def magnitude_masks(model: nn.Module, density: float) -> dict[str, torch.Tensor]:
     """Per layer, keep the round(density * numel) largest |w| (uniform sparsity)."""
     masks = {}

@@ -30,15 +30,6 @@ BATCH = 8
 N_BATCHES = 4
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread is far faster than several on a busy CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # --------------------------------------------------------------------------------------
 # helpers: models, data, optimizers, method configs, the loop
 # --------------------------------------------------------------------------------------
