@@ -221,7 +221,9 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> dict[str, Any]:
     Raises ConfigError (one line) for any mistake found before training starts.
     """
     import pytorch_lightning as pl
-    from pytorch_lightning.callbacks import ModelCheckpoint, RichProgressBar
+    from pytorch_lightning.callbacks import ModelCheckpoint
+
+    from prunelab.tracking.progress import ThrottledRichProgressBar
 
     run_dir = Path(cfg.paths.output_dir)
     try:
@@ -284,7 +286,7 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> dict[str, Any]:
         )
         progress = []
         if cfg.trainer.get("enable_progress_bar", True):
-            progress.append(RichProgressBar(refresh_rate=10, leave=True))
+            progress.append(ThrottledRichProgressBar(leave=True))
         loggers = _loggers(cfg, run_dir, config, name, group=cell, tags=tags)
         wandb_logger = next((lg for lg in loggers if type(lg).__name__ == "WandbLogger"), None)
         trainer = hydra.utils.instantiate(

@@ -31,11 +31,29 @@ Params = dict[str, torch.Tensor]
 
 def topk_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Bool mask with True at the ``k`` largest entries of ``scores`` (ties: lowest index)."""
+    flat = scores.flatten().float()
+    if k <= 0:
+        return torch.zeros_like(scores, dtype=torch.bool)
+    if k >= flat.numel():
+        return torch.ones_like(scores, dtype=torch.bool)
+    # Everything above the k-th largest value is kept; among entries equal to it, the lowest
+    # indices fill the remaining places (torch.topk alone leaves ties to the device). One
+    # topk and two linear passes: a full sort would cost an update ten times as much.
+    kth = torch.topk(flat, k, sorted=False).values.min()
+    mask = flat > kth
+    ties = (flat == kth).nonzero().flatten()[: k - int(mask.sum())]
+    mask[ties] = True
+    return mask.view_as(scores)
+
+
+def top_among(scores: torch.Tensor, candidates: torch.Tensor, k: int) -> torch.Tensor:
+    """Bool mask of the ``k`` highest ``scores`` among the ``candidates`` entries (ties:
+    lowest index). Works on the candidates alone, so dropping from a 10%-dense layer sorts
+    a tenth of it."""
+    index = candidates.flatten().nonzero().flatten()
+    chosen = index[topk_mask(scores.flatten()[index], k)]
     mask = torch.zeros(scores.numel(), dtype=torch.bool, device=scores.device)
-    if k > 0:
-        # A stable sort makes ties go to the lowest index on every device (topk does not).
-        order = torch.sort(scores.flatten().float(), descending=True, stable=True).indices
-        mask[order[:k]] = True
+    mask[chosen] = True
     return mask.view_as(scores)
 
 
@@ -221,14 +239,7 @@ class PruneAndGrow(PruningMethod):
             if n_drop <= 0:
                 new[name] = mask
                 continue
-            low = torch.finfo(torch.float32).min
-            keep_rank = torch.where(
-                mask, drop_scores[name].float(), torch.full_like(mask, low, dtype=torch.float32)
-            )
-            kept = topk_mask(keep_rank, n_active - n_drop)
-            grow_rank = torch.where(
-                mask, torch.full_like(mask, low, dtype=torch.float32), grow_scores[name].float()
-            )
-            grown = topk_mask(grow_rank, n_drop) & ~mask
+            kept = top_among(drop_scores[name], mask, n_active - n_drop)
+            grown = top_among(grow_scores[name], ~mask, n_drop)
             new[name] = kept | grown
         return Masks(new)
