@@ -158,7 +158,6 @@ def test_plots_are_written(sweep, tmp_path):
         str(tmp_path / "wb"),
     )
     assert result.returncode == 0, result.stderr
-    for name in ("accuracy_vs_sparsity.png", "sparsity_curves.png"):
+    for name in ("accuracy_vs_sparsity.png", "sparsity_curves.png", "accuracy_vs_flops.png"):
         assert (out_dir / name).stat().st_size > 1000
-    assert "skipped accuracy_vs_flops" in result.stderr  # no cost.flops_train yet
     assert list((tmp_path / "wb" / "wandb").glob("offline-run-*"))
