@@ -35,12 +35,12 @@ test-full: $(STAMP) ## Run every test, the slow ones included
 	WANDB_MODE=offline $(PY) -m pytest -q -m ""
 
 lint: $(STAMP) ## Check code style with ruff
-	$(PY) -m ruff check src tests scripts train.py
-	$(PY) -m ruff format --check src tests scripts train.py
+	$(PY) -m ruff check src tests scripts train.py eval.py
+	$(PY) -m ruff format --check src tests scripts train.py eval.py
 
 format: $(STAMP) ## Format code with ruff
-	$(PY) -m ruff check --fix src tests scripts train.py
-	$(PY) -m ruff format src tests scripts train.py
+	$(PY) -m ruff check --fix src tests scripts train.py eval.py
+	$(PY) -m ruff format src tests scripts train.py eval.py
 
 wandb-sync: $(STAMP) ## Upload every offline W&B run under outputs/ (needs an account and network)
 	find outputs -type d -name 'offline-run-*' -print0 | xargs -0 -r $(VENV)/bin/wandb sync
