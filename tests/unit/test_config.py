@@ -73,3 +73,33 @@ def test_validate_rejects_empty_group():
     cfg = OmegaConf.create({"dataset": None})
     with pytest.raises(ConfigError):
         validate(cfg)
+
+
+@pytest.mark.parametrize(
+    ("override", "target"),
+    [
+        ("launcher=joblib", "JoblibLauncher"),
+        ("launcher=submitit_local", "LocalLauncher"),
+        ("launcher=slurm", "SlurmLauncher"),
+    ],
+)
+def test_launchers_compose(override, target):
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from prunelab.config import CONF_DIR
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("train", overrides=[override], return_hydra_config=True)
+    assert cfg.hydra.launcher._target_.endswith(target)
+    GlobalHydra.instance().clear()
+
+
+@pytest.mark.parametrize(
+    "experiment", ["fmnist_static_vs_dynamic", "mnist_lenet300", "cifar10_wrn22_2_rigl"]
+)
+def test_experiments_compose_and_validate(compose_cfg, experiment):
+    cfg = compose_cfg(f"experiment={experiment}", "pruning=rigl", fast=False)
+    validate(cfg)
+    assert cfg.task_name == experiment and cfg.skip_completed
