@@ -32,23 +32,26 @@ from prunelab.tracking.summary import print_summary
 log = logging.getLogger(__name__)
 
 
-def _is_multirun() -> bool:
+def _hydra_runtime() -> Any:
+    """Hydra's runtime config of the current job, or None outside a Hydra app."""
     try:
         from hydra.core.hydra_config import HydraConfig
-        from hydra.types import RunMode
 
-        return HydraConfig.get().mode == RunMode.MULTIRUN
+        return HydraConfig.get()
     except Exception:
-        return False
+        return None
+
+
+def _is_multirun() -> bool:
+    from hydra.types import RunMode
+
+    hc = _hydra_runtime()
+    return hc is not None and hc.mode == RunMode.MULTIRUN
 
 
 def _choices() -> dict[str, str]:
-    try:
-        from hydra.core.hydra_config import HydraConfig
-
-        return {k: str(v) for k, v in HydraConfig.get().runtime.choices.items()}
-    except Exception:
-        return {}
+    hc = _hydra_runtime()
+    return {k: str(v) for k, v in hc.runtime.choices.items()} if hc is not None else {}
 
 
 def _instantiate(node: Any, **kwargs: Any) -> Any:
@@ -118,15 +121,6 @@ def _loggers(
     if wandb_logger is not None:
         loggers.append(wandb_logger)
     return loggers
-
-
-def _hydra_runtime() -> Any:
-    try:
-        from hydra.core.hydra_config import HydraConfig
-
-        return HydraConfig.get()
-    except Exception:
-        return None
 
 
 def _limit_threads() -> None:
