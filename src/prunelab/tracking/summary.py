@@ -12,13 +12,18 @@ def _fmt_pct(value: Any) -> str:
     return "-" if value is None else f"{100 * float(value):.2f}%"
 
 
+def _count(value: float) -> str:
+    """Counts below a million in full (3,000), larger ones in scientific notation (1.99e+09)."""
+    return f"{value:,.0f}" if abs(value) < 1e6 else f"{value:.3g}"
+
+
 def _cost_rows(cost: dict[str, Any]) -> list[tuple[str, str]]:
     if not cost:
         return []
     rows = [
         (
             "inference FLOPs",
-            f"{cost['flops_infer_sparse']:.3g} / sample "
+            f"{_count(cost['flops_infer_sparse'])} / sample "
             f"({cost.get('theoretical_speedup', 1.0):.2f}x fewer than dense)",
         ),
         (
