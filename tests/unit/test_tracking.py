@@ -51,3 +51,22 @@ def test_summary_lists_the_run():
     print_summary(record, console)
     text = console.export_text()
     assert "mnist1d" in text and "61.23%" in text and "outputs/runs/x" in text
+
+
+def test_summary_shows_cost_when_present():
+    cost = {
+        "flops_infer_sparse": 3000.0,
+        "theoretical_speedup": 10.0,
+        "bytes_csr": 13 * 1024,
+        "bytes_dense_fp32": 60 * 1024,
+        "flops_train": 1.99e9,
+        "flops_train_x_dense": 0.1,
+        "latency_ms/dense/b256": 0.2,
+        "latency_ms/sparse/b256": 0.1,
+    }
+    rows = dict(summary_rows({"cost": cost, "config": {}, "sparsity": {}}))
+    assert rows["inference FLOPs"].startswith("3,000 / sample (10.00x")
+    assert rows["training FLOPs"] == "1.99e+09 (0.10x dense)"
+    assert rows["size"] == "13.0 KiB sparse (CSR) vs 60.0 KiB dense"
+    assert rows["latency b256"] == "0.100 ms sparse vs 0.200 ms dense"
+    assert "inference FLOPs" not in dict(summary_rows({"config": {}, "sparsity": {}}))
