@@ -177,28 +177,10 @@ class FashionMNISTDataModule(_IdxDataModule):
     mean = 0.2860
     std = 0.3530
 
-    def __init__(
-        self,
-        data_dir: str = "data",
-        batch_size: int = 100,
-        eval_batch_size: int = 1000,
-        val_fraction: float = 0.1,
-        seed: int = 0,
-        num_workers: int = 2,
-        download: bool = False,
-        system_dir: str = DEBIAN_FASHION_MNIST_DIR,
-        **unknown: Any,
-    ) -> None:
-        super().__init__(
-            data_dir=data_dir,
-            batch_size=batch_size,
-            eval_batch_size=eval_batch_size,
-            val_fraction=val_fraction,
-            seed=seed,
-            num_workers=num_workers,
-            download=download,
-            **unknown,
-        )
+    def __init__(self, system_dir: str = DEBIAN_FASHION_MNIST_DIR, **kwargs: Any) -> None:
+        """``system_dir``: where the Debian package puts the IDX files; every other argument
+        is the base datamodule's."""
+        super().__init__(**kwargs)
         self.system_dir = str(system_dir)
 
     def search_dirs(self) -> list[Path]:
