@@ -4,10 +4,14 @@
     python scripts/bench_overhead.py pruning=rigl sparsity=0.9  # pruned vs dense, both via prunelab
 
 Task: LeNet-300-100 on Fashion-MNIST (MNIST-1D MLP when Fashion-MNIST is not installed),
-batch 100, Adam (fused, as configured), data in memory. Time per epoch is the median over
-the timed epochs of the training loop alone (validation off), after one warm-up epoch; the
-reference and the measured run alternate for ``--rounds`` rounds and each side's median
-is used. The last line is ``overhead: <ratio>``.
+batch 100, Adam (fused, as configured), data in memory, validation off; an epoch's time is
+its training loop alone.
+
+Dense vs the hand loop: within each prunelab run, one epoch of the hand-written loop runs
+right after every prunelab epoch, and the headline is the median ratio of these
+back-to-back pairs (the first pair of each run is warm-up). A pruned run vs dense: the two
+runs alternate for ``--rounds`` rounds and each side's median epoch is used. The last line
+is ``overhead: <ratio>``.
 """
 
 from __future__ import annotations
@@ -78,28 +82,59 @@ def prunelab_epoch_time(overrides: list[str], epochs: int) -> float:
     return statistics.median(timer.times[1:])
 
 
-def hand_loop_epoch_time(epochs: int) -> float:
-    """Median epoch time of a plain PyTorch loop: same model, batch, optimizer (built from the
-    same config, so fused where prunelab's is) and data."""
-    with tempfile.TemporaryDirectory() as tmp:
-        cfg = compose_config([*common_overrides(epochs), *task_overrides()], tmp)
-        pl.seed_everything(0, verbose=False)
-        built = build(cfg)
-    dm, model = built["datamodule"], built["model"]
-    dm.setup("fit")
-    loader = dm.train_dataloader()
-    optimizer = hydra.utils.instantiate(cfg.optimizer)(params=model.parameters())
-    times = []
-    model.train()
-    for _ in range(epochs):
+class HandLoop:
+    """The reference: a plain PyTorch loop with its own copy of the model (same architecture,
+    seed, batch, data and optimizer, built from the same config, so fused where prunelab's
+    is)."""
+
+    def __init__(self, epochs: int) -> None:
+        with tempfile.TemporaryDirectory() as tmp:
+            cfg = compose_config([*common_overrides(epochs), *task_overrides()], tmp)
+            pl.seed_everything(0, verbose=False)
+            built = build(cfg)
+        self.datamodule, self.model = built["datamodule"], built["model"]
+        self.datamodule.setup("fit")
+        self.loader = self.datamodule.train_dataloader()
+        self.optimizer = hydra.utils.instantiate(cfg.optimizer)(params=self.model.parameters())
+
+    def epoch(self) -> float:
+        """Train one epoch; its wall time."""
+        model, optimizer = self.model, self.optimizer
+        model.train()
         start = time.perf_counter()
-        for x, y in loader:
+        for x, y in self.loader:
             loss = F.cross_entropy(model(x), y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times[1:])
+        return time.perf_counter() - start
+
+
+class PairedEpochs(EpochTimer):
+    """Times each prunelab epoch, then runs one epoch of the hand loop right after it, so
+    that each pair sees the same machine state (on a shared VM the speed drifts by 20-30%
+    over tens of seconds, far more than the difference being measured)."""
+
+    def __init__(self, reference: HandLoop) -> None:
+        super().__init__()
+        self.reference = reference
+        self.reference_times: list[float] = []
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        super().on_train_epoch_end(trainer, pl_module)
+        self.reference_times.append(self.reference.epoch())
+
+
+def paired_ratios(epochs: int) -> tuple[list[float], list[float]]:
+    """One prunelab dense run with a hand-loop epoch after each of its epochs: the
+    (reference, prunelab) epoch times of each pair after the warm-up pair."""
+    timer = PairedEpochs(HandLoop(epochs))
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = compose_config(
+            [*common_overrides(epochs), *task_overrides(), "cost.enabled=false"], tmp
+        )
+        train(cfg, callbacks=[timer])
+    return timer.reference_times[1:], timer.times[1:]
 
 
 def main() -> None:
@@ -107,34 +142,44 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*", help="Hydra overrides of the measured run")
     parser.add_argument("--epochs", type=int, default=5, help="epochs per run (first is warm-up)")
     parser.add_argument(
-        "--rounds", type=int, default=3, help="alternating reference/measured rounds"
+        "--rounds", type=int, default=3, help="prunelab runs (and reference runs) to measure"
     )
     args = parser.parse_args()
     logging.getLogger("pytorch_lightning").setLevel(logging.WARNING)
     logging.getLogger("lightning").setLevel(logging.WARNING)
     task = " ".join(task_overrides())
-    references, measured = [], []
-    # Alternate the two so that drift of the machine's speed hits both alike.
-    for _ in range(args.rounds):
-        if args.overrides:
-            # The same run with the pruning method swapped for the dense baseline.
-            shared = [
-                o for o in args.overrides if o.split("=")[0].split(".")[0] not in PRUNING_KEYS
-            ]
-            references.append(prunelab_epoch_time([*shared, "pruning=dense"], args.epochs))
-            measured.append(prunelab_epoch_time(args.overrides, args.epochs))
-        else:
-            references.append(hand_loop_epoch_time(args.epochs))
-            measured.append(prunelab_epoch_time([], args.epochs))
-    if args.overrides:
-        label = f"prunelab {' '.join(args.overrides)} vs prunelab dense"
-    else:
-        label = "prunelab dense vs hand-written PyTorch loop"
-    reference, value = statistics.median(references), statistics.median(measured)
     print(f"task: {task}")
+    if not args.overrides:
+        references, measured = [], []
+        for _ in range(args.rounds):
+            ref, ours = paired_ratios(args.epochs)
+            references += ref
+            measured += ours
+        ratios = [m / r for r, m in zip(references, measured, strict=True)]
+        print("reference s/epoch: " + " ".join(f"{t:.3f}" for t in references))
+        print("prunelab  s/epoch: " + " ".join(f"{t:.3f}" for t in measured))
+        print("pair ratios:       " + " ".join(f"{q:.3f}" for q in ratios))
+        print(
+            f"prunelab dense vs hand-written PyTorch loop: {statistics.median(measured):.3f} "
+            f"s/epoch vs {statistics.median(references):.3f} s/epoch; median ratio of "
+            f"{len(ratios)} back-to-back epoch pairs"
+        )
+        print(f"overhead: {statistics.median(ratios):.3f}")
+        return
+    # The same run with the pruning method swapped for the dense baseline; the two
+    # alternate so that drift of the machine's speed hits both alike.
+    shared = [o for o in args.overrides if o.split("=")[0].split(".")[0] not in PRUNING_KEYS]
+    references, measured = [], []
+    for _ in range(args.rounds):
+        references.append(prunelab_epoch_time([*shared, "pruning=dense"], args.epochs))
+        measured.append(prunelab_epoch_time(args.overrides, args.epochs))
+    reference, value = statistics.median(references), statistics.median(measured)
     print("reference s/epoch per round: " + " ".join(f"{t:.3f}" for t in references))
     print("measured  s/epoch per round: " + " ".join(f"{t:.3f}" for t in measured))
-    print(f"{label}: {value:.3f} s/epoch vs {reference:.3f} s/epoch (median of {args.rounds})")
+    print(
+        f"prunelab {' '.join(args.overrides)} vs prunelab dense: {value:.3f} s/epoch vs "
+        f"{reference:.3f} s/epoch (median of {args.rounds})"
+    )
     print(f"overhead: {value / reference:.3f}")
 
 

@@ -1,9 +1,10 @@
 """The Lightning module: loss, metrics, optimizer set-up, and the hooks that drive the
 sparsity engine (the one place where pruning meets Lightning).
 
-Training metrics are accumulated as tensors on the device and logged once per epoch (and the
-loss every ``log_every_n_steps``), so the per-step work outside forward, backward and the
-optimizer step stays close to nothing.
+Per-step work outside forward, backward and the optimizer step is kept close to nothing:
+training loss and accuracy are reduced in batched windows (:class:`TrainStats`) and logged
+once per window and per epoch, and the attribute Lightning sets around every hook call skips
+nn.Module's registry checks.
 """
 
 from __future__ import annotations
@@ -26,6 +27,66 @@ def _accuracy_metrics(num_classes: int) -> MetricCollection:
     if num_classes > 5:
         metrics["acc_top5"] = MulticlassAccuracy(num_classes, top_k=5, average="micro")
     return MetricCollection(metrics)
+
+
+class TrainStats:
+    """Training loss and top-1 accuracy over an epoch, at almost no cost per step.
+
+    A step only keeps references to its (detached) loss, logits and targets; the reductions
+    run once per window of ``window`` steps (or when the kept logits pass ``max_elements``),
+    as a few batched operations. Each step would otherwise pay for half a dozen tiny tensor
+    operations, which on a small model is a tenth of the step.
+    """
+
+    def __init__(self, window: int, max_elements: int = 1 << 22) -> None:
+        self.window = max(1, int(window))
+        self.max_elements = int(max_elements)
+        self.reset()
+
+    def reset(self) -> None:
+        """Start a new epoch."""
+        self._losses: list[torch.Tensor] = []
+        self._logits: list[torch.Tensor] = []
+        self._targets: list[torch.Tensor] = []
+        self._elements = 0
+        self._loss_sum: torch.Tensor | None = None
+        self._correct: torch.Tensor | None = None
+        self._seen = 0
+
+    def add(self, loss: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor):
+        """Keep one step's batch; return the window's mean loss when a window closes."""
+        self._losses.append(loss.detach())
+        self._logits.append(logits.detach())
+        self._targets.append(targets)
+        self._elements += logits.numel()
+        if len(self._losses) >= self.window or self._elements >= self.max_elements:
+            return self._reduce()
+        return None
+
+    @torch.no_grad()
+    def _reduce(self) -> torch.Tensor | None:
+        """Fold the kept steps into the epoch totals; the mean loss of those steps."""
+        if not self._losses:
+            return None
+        sizes = [t.shape[0] for t in self._targets]
+        losses = torch.stack(self._losses).float()
+        weights = torch.tensor(sizes, dtype=losses.dtype, device=losses.device)
+        loss_sum = (losses * weights).sum()
+        logits, targets = torch.cat(self._logits), torch.cat(self._targets)
+        correct = (logits.argmax(dim=1) == targets).sum()
+        seen = sum(sizes)
+        self._loss_sum = loss_sum if self._loss_sum is None else self._loss_sum + loss_sum
+        self._correct = correct if self._correct is None else self._correct + correct
+        self._seen += seen
+        self._losses, self._logits, self._targets, self._elements = [], [], [], 0
+        return loss_sum / seen
+
+    def epoch_totals(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(mean loss, accuracy) over every sample of the epoch so far, or None if none."""
+        self._reduce()
+        if self._seen == 0 or self._loss_sum is None or self._correct is None:
+            return None
+        return self._loss_sum / self._seen, self._correct.float() / self._seen
 
 
 class ClassificationModule(pl.LightningModule):
@@ -56,9 +117,16 @@ class ClassificationModule(pl.LightningModule):
         self.test_loss = MeanMetric()
         self.val_acc_best = MaxMetric()
         self.val_acc_best.persistent(True)  # survives a resume from checkpoint
-        self._train_loss_sum = torch.zeros(())
-        self._train_correct = torch.zeros((), dtype=torch.long)
-        self._train_seen = 0
+        self._train_stats = TrainStats(window=self._log_every)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        # Lightning sets (and restores) ``_current_fx_name`` around every hook, callback and
+        # strategy call: some forty times per training batch. It is a plain string, never a
+        # parameter, buffer or submodule, so it skips nn.Module's registry checks.
+        if name == "_current_fx_name":
+            self.__dict__[name] = value
+        else:
+            super().__setattr__(name, value)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
@@ -82,9 +150,9 @@ class ClassificationModule(pl.LightningModule):
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         """Dense gradients are here (accumulated, unscaled, DDP-reduced): update the masks on
         update steps, then mask the gradients."""
-        if self.engine is not None and self.engine.before_optimizer_step(
-            self.global_step, optimizer
-        ):
+        if self.engine is None or not self.engine.active:
+            return
+        if self.engine.before_optimizer_step(self.global_step, optimizer):
             if self.trainer.world_size > 1:
                 self._check_masks_agree()
             self._log_engine(force_layers=True)
@@ -119,28 +187,24 @@ class ClassificationModule(pl.LightningModule):
 
     # -- training ---------------------------------------------------------------------------
     def on_train_epoch_start(self) -> None:
-        self._train_loss_sum = torch.zeros((), device=self.device)
-        self._train_correct = torch.zeros((), dtype=torch.long, device=self.device)
-        self._train_seen = 0
+        self._train_stats.reset()
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int):
         x, y = batch
         logits = self.model(x)
         loss = F.cross_entropy(logits, y)
-        with torch.no_grad():
-            self._train_loss_sum += loss.detach() * y.shape[0]
-            self._train_correct += (logits.argmax(dim=1) == y).sum()
-        self._train_seen += y.shape[0]
-        if self.global_step % self._log_every == 0:
-            self.log("train/loss_step", loss.detach(), on_step=True, on_epoch=False)
+        window_loss = self._train_stats.add(loss, logits, y)
+        if window_loss is not None:
+            self.log("train/loss_step", window_loss, on_step=True, on_epoch=False)
         return loss
 
     def on_train_epoch_end(self) -> None:
-        if self._train_seen == 0:
+        totals = self._train_stats.epoch_totals()
+        if totals is None:
             return
-        seen = float(self._train_seen)
-        self.log("train/loss", self._train_loss_sum / seen, on_epoch=True, sync_dist=True)
-        self.log("train/acc", self._train_correct.float() / seen, on_epoch=True, sync_dist=True)
+        loss, acc = totals
+        self.log("train/loss", loss, on_epoch=True, sync_dist=True)
+        self.log("train/acc", acc, on_epoch=True, sync_dist=True)
 
     # -- evaluation -------------------------------------------------------------------------
     def _eval_step(self, batch, metrics: MetricCollection, loss_metric: MeanMetric) -> None:

@@ -215,8 +215,9 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> dict[str, Any]:
     Raises ConfigError (one line) for any mistake found before training starts.
     """
     import pytorch_lightning as pl
-    from pytorch_lightning.callbacks import ModelCheckpoint
 
+    from prunelab.tracking.checkpoint import RunCheckpoint
+    from prunelab.tracking.profiler import NullProfiler
     from prunelab.tracking.progress import ThrottledRichProgressBar
 
     run_dir = Path(cfg.paths.output_dir)
@@ -263,21 +264,7 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> dict[str, Any]:
             n_params=sum(p.numel() for p in built["model"].parameters()),
             n_prunable=sum(p.numel() for p in built["prunable"].values()),
         )
-        checkpoint = ModelCheckpoint(
-            dirpath=str(files.checkpoint_dir(run_dir)),
-            filename=Path(files.BEST_CHECKPOINT).stem,
-            monitor="val/acc",
-            mode="max",
-        )
-        # Lightning's save_last only writes when the monitored checkpoint improves; resume
-        # needs the state at the end of every epoch, so a second callback keeps the latest.
-        latest = ModelCheckpoint(
-            dirpath=str(files.checkpoint_dir(run_dir)),
-            filename=Path(files.LAST_CHECKPOINT).stem,
-            monitor=None,
-            save_top_k=1,
-            enable_version_counter=False,
-        )
+        checkpoint = RunCheckpoint(run_dir)
         progress = []
         if cfg.trainer.get("enable_progress_bar", True):
             progress.append(ThrottledRichProgressBar(leave=True))
@@ -286,8 +273,9 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> dict[str, Any]:
         trainer = hydra.utils.instantiate(
             cfg.trainer,
             logger=loggers,
-            callbacks=[checkpoint, latest, *progress, *(callbacks or [])],
+            callbacks=[checkpoint, *progress, *(callbacks or [])],
             default_root_dir=str(run_dir),
+            **({} if cfg.trainer.get("profiler") else {"profiler": NullProfiler()}),
         )
         start = time.time()
         trainer.fit(built["module"], datamodule=built["datamodule"], ckpt_path=cfg.get("ckpt_path"))

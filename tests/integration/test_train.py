@@ -122,3 +122,41 @@ def test_cli_debug_run_completes_with_offline_wandb(tmp_path):
     assert record["status"] == "completed"
     assert list(record_path.parent.rglob("offline-run-*")), "W&B did not log offline"
     assert "test accuracy" in proc.stdout
+
+
+def test_last_checkpoint_follows_every_epoch_best_only_improvements(compose_cfg, tmp_path):
+    """last.ckpt is the end of the latest epoch (what a resume needs) even when the monitored
+    metric does not improve; best.ckpt stays at the best epoch."""
+    import torch
+
+    # An lr this small leaves val/acc unchanged after epoch 0: no later epoch improves on it.
+    record = train(compose_cfg("epochs=3", "lr=1e-12"))
+    last = torch.load(files.last_checkpoint(tmp_path / "run"), weights_only=False)
+    best = torch.load(
+        files.checkpoint_dir(tmp_path / "run") / files.BEST_CHECKPOINT, weights_only=False
+    )
+    assert last["epoch"] == 2 and last["global_step"] == record["global_step"] == 12
+    assert best["epoch"] == 0 and best["global_step"] == 4
+    assert sorted(p.name for p in files.checkpoint_dir(tmp_path / "run").iterdir()) == sorted(
+        [files.BEST_CHECKPOINT, files.LAST_CHECKPOINT]
+    )
+
+
+def test_profiler_is_free_by_default_and_configurable(compose_cfg, monkeypatch):
+    import pytorch_lightning as pl
+
+    from prunelab.tracking.profiler import NullProfiler
+
+    seen = []
+    original = pl.Trainer.__init__
+
+    def spy(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        seen.append(type(self.profiler).__name__)
+
+    monkeypatch.setattr(pl.Trainer, "__init__", spy)
+    assert train(compose_cfg())["status"] == "completed"
+    assert train(compose_cfg("+trainer.profiler=simple"))["status"] == "completed"
+    assert seen[0] == NullProfiler.__name__ and seen[-1] == "SimpleProfiler"
+    with NullProfiler().profile("a"), NullProfiler().profile("b"):  # nests, reusable
+        pass
