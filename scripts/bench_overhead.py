@@ -10,8 +10,9 @@ its training loop alone.
 Dense vs the hand loop: within each prunelab run, one epoch of the hand-written loop runs
 right after every prunelab epoch, and the headline is the median ratio of these
 back-to-back pairs (the first pair of each run is warm-up). A pruned run vs dense: the two
-runs alternate for ``--rounds`` rounds and each side's median epoch is used. The last line
-is ``overhead: <ratio>``.
+runs are each paired epoch by epoch with the hand loop in the same way and alternate in
+ABBA order for ``--rounds`` rounds; the headline is the ratio of their median pair ratios.
+The last line is ``overhead: <ratio>``.
 """
 
 from __future__ import annotations
@@ -71,17 +72,6 @@ def common_overrides(epochs: int) -> list[str]:
     ]
 
 
-def prunelab_epoch_time(overrides: list[str], epochs: int) -> float:
-    """Median training-epoch time of a run through prunelab's own pipeline."""
-    with tempfile.TemporaryDirectory() as tmp:
-        cfg = compose_config(
-            [*common_overrides(epochs), *task_overrides(), "cost.enabled=false", *overrides], tmp
-        )
-        timer = EpochTimer()
-        train(cfg, callbacks=[timer])
-    return statistics.median(timer.times[1:])
-
-
 class HandLoop:
     """The reference: a plain PyTorch loop with its own copy of the model (same architecture,
     seed, batch, data and optimizer, built from the same config, so fused where prunelab's
@@ -125,16 +115,17 @@ class PairedEpochs(EpochTimer):
         self.reference_times.append(self.reference.epoch())
 
 
-def paired_ratios(epochs: int) -> tuple[list[float], list[float]]:
-    """One prunelab dense run with a hand-loop epoch after each of its epochs: the
-    (reference, prunelab) epoch times of each pair after the warm-up pair."""
+def paired_ratios(overrides: list[str], epochs: int) -> list[float]:
+    """One prunelab run with a hand-loop epoch right after each of its epochs: the ratio
+    prunelab / hand loop of each back-to-back pair after the warm-up pair."""
     timer = PairedEpochs(HandLoop(epochs))
     with tempfile.TemporaryDirectory() as tmp:
         cfg = compose_config(
-            [*common_overrides(epochs), *task_overrides(), "cost.enabled=false"], tmp
+            [*common_overrides(epochs), *task_overrides(), "cost.enabled=false", *overrides], tmp
         )
         train(cfg, callbacks=[timer])
-    return timer.reference_times[1:], timer.times[1:]
+    pairs = zip(timer.reference_times[1:], timer.times[1:], strict=True)
+    return [ours / reference for reference, ours in pairs]
 
 
 def main() -> None:
@@ -142,7 +133,7 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*", help="Hydra overrides of the measured run")
     parser.add_argument("--epochs", type=int, default=5, help="epochs per run (first is warm-up)")
     parser.add_argument(
-        "--rounds", type=int, default=3, help="prunelab runs (and reference runs) to measure"
+        "--rounds", type=int, default=5, help="prunelab runs per measured configuration"
     )
     args = parser.parse_args()
     logging.getLogger("pytorch_lightning").setLevel(logging.WARNING)
@@ -150,37 +141,31 @@ def main() -> None:
     task = " ".join(task_overrides())
     print(f"task: {task}")
     if not args.overrides:
-        references, measured = [], []
-        for _ in range(args.rounds):
-            ref, ours = paired_ratios(args.epochs)
-            references += ref
-            measured += ours
-        ratios = [m / r for r, m in zip(references, measured, strict=True)]
-        print("reference s/epoch: " + " ".join(f"{t:.3f}" for t in references))
-        print("prunelab  s/epoch: " + " ".join(f"{t:.3f}" for t in measured))
-        print("pair ratios:       " + " ".join(f"{q:.3f}" for q in ratios))
+        ratios = [q for _ in range(args.rounds) for q in paired_ratios([], args.epochs)]
+        print("pair ratios: " + " ".join(f"{q:.3f}" for q in ratios))
         print(
-            f"prunelab dense vs hand-written PyTorch loop: {statistics.median(measured):.3f} "
-            f"s/epoch vs {statistics.median(references):.3f} s/epoch; median ratio of "
+            "prunelab dense vs hand-written PyTorch loop: median ratio of "
             f"{len(ratios)} back-to-back epoch pairs"
         )
         print(f"overhead: {statistics.median(ratios):.3f}")
         return
-    # The same run with the pruning method swapped for the dense baseline; the two
-    # alternate so that drift of the machine's speed hits both alike.
+    # The same run with the pruning method swapped for the dense baseline. Both are measured
+    # against the hand loop epoch by epoch, so the machine's drift cancels out of each; the
+    # runs alternate in ABBA order (dense first in even rounds, pruned first in odd ones).
     shared = [o for o in args.overrides if o.split("=")[0].split(".")[0] not in PRUNING_KEYS]
-    references, measured = [], []
-    for _ in range(args.rounds):
-        references.append(prunelab_epoch_time([*shared, "pruning=dense"], args.epochs))
-        measured.append(prunelab_epoch_time(args.overrides, args.epochs))
-    reference, value = statistics.median(references), statistics.median(measured)
-    print("reference s/epoch per round: " + " ".join(f"{t:.3f}" for t in references))
-    print("measured  s/epoch per round: " + " ".join(f"{t:.3f}" for t in measured))
+    runs = {"dense": [*shared, "pruning=dense"], "pruned": list(args.overrides)}
+    ratios: dict[str, list[float]] = {"dense": [], "pruned": []}
+    for round_ in range(args.rounds):
+        for name in ("dense", "pruned") if round_ % 2 == 0 else ("pruned", "dense"):
+            ratios[name] += paired_ratios(runs[name], args.epochs)
+    dense, pruned = statistics.median(ratios["dense"]), statistics.median(ratios["pruned"])
+    print("dense  / hand loop, per pair: " + " ".join(f"{q:.3f}" for q in ratios["dense"]))
+    print("pruned / hand loop, per pair: " + " ".join(f"{q:.3f}" for q in ratios["pruned"]))
     print(
-        f"prunelab {' '.join(args.overrides)} vs prunelab dense: {value:.3f} s/epoch vs "
-        f"{reference:.3f} s/epoch (median of {args.rounds})"
+        f"prunelab {' '.join(args.overrides)} vs prunelab dense: {pruned:.3f}x vs {dense:.3f}x "
+        f"the hand loop (medians of {len(ratios['dense'])} epoch pairs each)"
     )
-    print(f"overhead: {value / reference:.3f}")
+    print(f"overhead: {pruned / dense:.3f}")
 
 
 if __name__ == "__main__":

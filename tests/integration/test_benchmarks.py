@@ -47,4 +47,5 @@ def test_overhead_benchmark_compares_a_pruned_run_with_dense():
         "1",
     )
     assert any("vs prunelab dense" in line for line in lines)
+    assert any(line.startswith("pruned / hand loop, per pair: ") for line in lines)
     assert 0.5 < _headline(lines, "overhead") < 5.0
