@@ -101,6 +101,7 @@ class ClassificationModule(pl.LightningModule):
         scheduler_interval: str = "epoch",
         log_every_n_steps: int = 50,
         engine: SparsityEngine | None = None,
+        weight_decay_norm_bias: bool = True,
     ) -> None:
         super().__init__()
         self.model = model
@@ -110,6 +111,7 @@ class ClassificationModule(pl.LightningModule):
         self._scheduler_factory = scheduler
         self._scheduler_interval = scheduler_interval
         self._log_every = max(1, int(log_every_n_steps))
+        self._weight_decay_norm_bias = bool(weight_decay_norm_bias)
         metrics = _accuracy_metrics(num_classes)
         self.val_metrics = metrics.clone(prefix="val/")
         self.test_metrics = metrics.clone(prefix="test/")
@@ -145,6 +147,8 @@ class ClassificationModule(pl.LightningModule):
                 batches=(lambda: iter(datamodule.train_dataloader())) if datamodule else None,
                 loss_fn=F.cross_entropy,
             )
+            if self.engine.active and self.trainer.world_size > 1:
+                self._check_masks_agree()  # data-driven initial masks (SNIP) included
         self._log_engine(force_layers=True)
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
@@ -158,7 +162,8 @@ class ClassificationModule(pl.LightningModule):
             self._log_engine(force_layers=True)
 
     def _check_masks_agree(self) -> None:
-        """Under DDP, fail loudly if any rank chose a different mask at this update."""
+        """Under DDP, fail loudly if any rank chose a different mask (at initialisation and
+        at every update)."""
         digest = torch.tensor(self.engine.mask_digest(), device=self.device)
         digests = self.all_gather(digest)
         if not bool((digests == digest).all()):
@@ -216,12 +221,19 @@ class ClassificationModule(pl.LightningModule):
     def validation_step(self, batch, batch_idx: int) -> None:
         self._eval_step(batch, self.val_metrics, self.val_loss)
 
+    def at_target(self) -> bool:
+        """Whether the model holds its final sparsity: only such epochs compete for
+        ``val/acc_best`` and the best checkpoint (a static run is dense until it prunes)."""
+        return self.engine is None or self.engine.at_target()
+
     def on_validation_epoch_end(self) -> None:
         values = self.val_metrics.compute()
-        self.val_acc_best.update(values["val/acc"])
+        if self.at_target() and not self.trainer.sanity_checking:
+            self.val_acc_best.update(values["val/acc"])
         self.log_dict(values, prog_bar=False)
         self.log("val/loss", self.val_loss.compute())
-        self.log("val/acc_best", self.val_acc_best.compute(), prog_bar=True)
+        if self.val_acc_best.update_count > 0:  # no value before the first epoch at target
+            self.log("val/acc_best", self.val_acc_best.compute(), prog_bar=True)
         self.val_metrics.reset()
         self.val_loss.reset()
 
@@ -235,8 +247,21 @@ class ClassificationModule(pl.LightningModule):
         self.test_loss.reset()
 
     # -- optimisation -----------------------------------------------------------------------
+    def parameter_groups(self) -> list[dict[str, Any]] | Any:
+        """The model's parameters, or two groups when normalisation layers and biases take no
+        weight decay (``weight_decay_norm_bias=false``, as in the RigL and WRN recipes)."""
+        if self._weight_decay_norm_bias:
+            return self.model.parameters()
+        decay, no_decay = [], []
+        norms = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
+        for module in self.model.modules():
+            for name, param in module.named_parameters(recurse=False):
+                skip = isinstance(module, norms) or name == "bias" or param.ndim <= 1
+                (no_decay if skip else decay).append(param)
+        return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
+
     def configure_optimizers(self):
-        optimizer = self._optimizer_factory(params=self.model.parameters())
+        optimizer = self._optimizer_factory(params=self.parameter_groups())
         if self.engine is not None:
             self.engine.attach(optimizer)  # re-mask after every optimizer step
         if self._scheduler_factory is None:

@@ -138,12 +138,14 @@ def make_engine(
     schedule: dict | None = None,
     seed: int = 0,
     total_steps: int = STEPS,
+    **options,
 ) -> SparsityEngine:
     built = build_method(
         method,
         sparsity,
         distribution=distribution(dist),
         schedule=dict(schedule if schedule is not None else SCHEDULES[method]),
+        **options,
     )
     engine = SparsityEngine(model, prunable(model), built, seed=seed)
     engine.setup(total_steps=total_steps, steps_per_epoch=max(1, total_steps // 3))
@@ -383,13 +385,25 @@ def test_prune_and_grow_changes_the_mask(method):
 # --------------------------------------------------------------------------------------
 
 
-def test_rigl_grows_top_dense_gradient_among_inactive():
+@pytest.mark.parametrize("regrow_dropped", [False, True])
+def test_rigl_grows_top_dense_gradient_among_candidates(regrow_dropped):
+    """RigL keeps the largest |w| of the active weights and grows the largest dense |g|
+    among the weights not kept (the reference) or, with regrow_dropped=False, among the
+    weights inactive before the update."""
     widths = [16, 12, 5]
     model = build_model(widths, seed=7)
     batches = make_batches(widths, seed=7)
     optimizer = OPTIMIZERS["sgd_momentum"](model)
     schedule = dict(PRUNE_GROW, drop_fraction=0.4, anneal="constant")
-    engine = make_engine("rigl", 0.75, model, "uniform", schedule=schedule, seed=7)
+    engine = make_engine(
+        "rigl",
+        0.75,
+        model,
+        "uniform",
+        schedule=schedule,
+        seed=7,
+        regrow_dropped=regrow_dropped,
+    )
     start(engine, model, batches, optimizer)
 
     step = 5
@@ -407,28 +421,34 @@ def test_rigl_grows_top_dense_gradient_among_inactive():
     old = clone_masks(engine.masks)
     assert engine.before_optimizer_step(step, optimizer)
 
+    regrown = 0
     for name, new in engine.masks.items():
         mask = old[name]
         n_active = nnz(mask)
-        n_drop = min(int(0.4 * n_active), mask.numel() - n_active)
+        n_drop = int(0.4 * n_active)
+        if not regrow_dropped:
+            n_drop = min(n_drop, mask.numel() - n_active)
         assert n_drop > 0
-        grown, dropped = new & ~mask, mask & ~new
-        assert nnz(grown) == nnz(dropped) == n_drop
-
-        inactive_scores = grads[name].abs().flatten()[(~mask).flatten()]
-        threshold = inactive_scores.sort(descending=True).values[n_drop - 1]
-        expected_grown = (~mask) & (grads[name].abs() >= threshold)
-        assert nnz(expected_grown) == n_drop
-        assert torch.equal(grown, expected_grown), f"{name}: RigL grew elsewhere"
+        assert nnz(new) == n_active
 
         active_scores = weights[name].abs().flatten()[mask.flatten()]
-        cut = active_scores.sort().values[n_drop - 1]
-        expected_dropped = mask & (weights[name].abs() <= cut)
-        assert torch.equal(dropped, expected_dropped), f"{name}: not the smallest |w| dropped"
+        cut = active_scores.sort(descending=True).values[n_active - n_drop - 1]
+        kept = mask & (weights[name].abs() >= cut)
+        assert nnz(kept) == n_active - n_drop
+        candidates = ~kept if regrow_dropped else ~mask
+        scores = grads[name].abs().flatten()[candidates.flatten()]
+        threshold = scores.sort(descending=True).values[n_drop - 1]
+        expected_grown = candidates & (grads[name].abs() >= threshold)
+        assert nnz(expected_grown) == n_drop
+        assert torch.equal(new, kept | expected_grown), f"{name}: RigL chose other weights"
+        regrown += int((new & mask & ~kept).sum())
 
-        # The gradients are masked only after the grow decision.
+        # The gradients are masked only after the grow decision; a newly grown weight's
+        # gradient is masked too (update_step=masked), so it is not trained in this step.
         p = engine.params[name]
-        assert torch.equal(p.grad, grads[name] * new)
+        assert torch.equal(p.grad, grads[name] * (new & mask))
+    # Only the reference candidates let a dropped weight come straight back.
+    assert (regrown > 0) == regrow_dropped
 
 
 # --------------------------------------------------------------------------------------
@@ -449,11 +469,14 @@ def test_gradients_of_pruned_weights_are_zero_before_the_step(method):
     for step in range(STEPS):
         backward(model, optimizer, batches[step % len(batches)])
         dense = {n: p.grad.clone() for n, p in model.named_parameters()}
+        old = clone_masks(engine.masks)
         saw_update |= engine.before_optimizer_step(step, optimizer)
         for name, p in engine.params.items():
             mask = engine.masks[name]
-            assert (p.grad[~mask] == 0).all(), f"step {step}: {name} has unmasked grads"
-            assert torch.equal(p.grad[mask], dense[name][mask]), f"{name}: kept grads changed"
+            # Weights grown in this update are not trained in it (update_step=masked).
+            kept = mask & old[name]
+            assert (p.grad[~kept] == 0).all(), f"step {step}: {name} has unmasked grads"
+            assert torch.equal(p.grad[kept], dense[name][kept]), f"{name}: kept grads changed"
         # Biases are not prunable and keep their gradients.
         for name, p in model.named_parameters():
             if name.endswith("bias"):

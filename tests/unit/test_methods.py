@@ -251,12 +251,15 @@ def test_snip_keeps_exactly_the_top_saliency_weights(n_batches):
     data = batches_for(widths, seed=3)
     params = weights(model)
 
-    # Our own SNIP: |dL/dw * w| summed over the first n_batches batches, one global top-k.
-    saliency = {n: torch.zeros_like(p) for n, p in params.items()}
+    # Our own SNIP: |g * w| with g the gradient summed over the first n_batches batches
+    # (the accumulated gradient of Lee et al., not the sum of per-batch |g * w|), one
+    # global top-k.
+    grad_sum = {n: torch.zeros_like(p) for n, p in params.items()}
     for x, y in data[:n_batches]:
         grads = torch.autograd.grad(F.cross_entropy(model(x), y), list(params.values()))
-        for (n, p), g in zip(params.items(), grads, strict=True):
-            saliency[n] += (g * p.detach()).abs()
+        for n, g in zip(params, grads, strict=True):
+            grad_sum[n] += g
+    saliency = {n: (grad_sum[n] * p.detach()).abs() for n, p in params.items()}
     zeros, total = n_zeros_target(sparsity, params)
     expected = global_topk(saliency, total - zeros)
     dense_weights = {n: p.detach().clone() for n, p in params.items()}
@@ -279,6 +282,26 @@ def test_snip_keeps_exactly_the_top_saliency_weights(n_batches):
         assert torch.equal(p.detach(), dense_weights[n] * expected[n])
         assert torch.equal(p.grad, sentinel[n]), "SNIP clobbered the existing gradients"
     assert not any(method.is_update_step(t) for t in range(10))
+
+
+def test_snip_restores_batchnorm_statistics():
+    """The saliency passes run the model in training mode; BatchNorm's running statistics
+    must be what they were before SNIP looked at the data."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(6, 8), torch.nn.BatchNorm1d(8), torch.nn.ReLU(), torch.nn.Linear(8, 3)
+    )
+    model.eval()
+    data = [(torch.randn(16, 6) * 3 + 1, torch.randint(0, 3, (16,))) for _ in range(3)]
+    before = {n: b.clone() for n, b in model.named_buffers()}
+    method = build_method(
+        "snip", 0.5, distribution=dist("global"), schedule={"kind": "fixed"}, batches=3
+    )
+    engine = engine_for(model, method, total_steps=10)
+    engine.initialize(batches=lambda: iter(data), loss_fn=F.cross_entropy)
+    for name, buffer in model.named_buffers():
+        assert torch.equal(buffer, before[name]), f"SNIP changed the buffer {name}"
+    assert not model.training, "SNIP left the model in training mode"
 
 
 def test_snip_without_data_fails_clearly():

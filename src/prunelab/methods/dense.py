@@ -10,5 +10,5 @@ class Dense(PruningMethod):
     is_dense = True
     schedule_kinds = ("fixed",)
 
-    def __init__(self, sparsity: float = 0.0, distribution=None, schedule=None) -> None:
-        super().__init__(0.0, distribution, schedule)
+    def __init__(self, sparsity: float = 0.0, distribution=None, schedule=None, **options) -> None:
+        super().__init__(0.0, distribution, schedule, **options)

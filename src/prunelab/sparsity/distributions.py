@@ -305,15 +305,17 @@ def global_magnitude(
     dense: frozenset[str] = frozenset(),
     scores: Mapping[str, torch.Tensor] | None = None,
     power_scale: float = 1.0,
+    generator: torch.Generator | None = None,
 ) -> dict[str, int]:
     """One threshold over all non-dense layers: keep the top-k of the concatenated scores.
 
     ``k`` is the keep budget left after the dense layers; the result is how many of each
     layer's entries are among the top k (global magnitude pruning, Han et al. 2015 with a
     global threshold as in Blalock et al. 2020, arXiv:2003.03033). ``scores[name]`` must be
-    shaped like the layer's weight (e.g. ``|w|``). Ties are broken deterministically: a
-    stable descending sort of the concatenation in ``shapes`` order, earlier entries first.
-    ``power_scale`` is ignored.
+    shaped like the layer's weight (e.g. ``|w|``). Exact ties are broken at random with
+    ``generator`` (a random order before a stable sort), or without one deterministically:
+    a stable descending sort of the concatenation in ``shapes`` order, earlier entries
+    first. NaN scores rank last. ``power_scale`` is ignored.
     """
     del power_scale
     budget = _Budget(shapes, sparsity, dense)
@@ -342,8 +344,13 @@ def global_magnitude(
     counts = dict.fromkeys(names, 0)
     k = budget.remaining
     if names and k > 0:
-        everything = torch.cat(flat)
-        order = torch.sort(everything, descending=True, stable=True).indices[:k]
+        everything = torch.nan_to_num(torch.cat(flat).float(), nan=-math.inf)
+        if generator is not None:
+            shuffle = torch.randperm(everything.numel(), generator=generator).to(device)
+            order = shuffle[torch.sort(everything[shuffle], descending=True, stable=True).indices]
+            order = order[:k]
+        else:
+            order = torch.sort(everything, descending=True, stable=True).indices[:k]
         offsets = torch.tensor([budget.numel[n] for n in names], device=device).cumsum(0)
         per_layer = torch.bucketize(order, offsets, right=True)
         tally = torch.bincount(per_layer, minlength=len(names)).tolist()
@@ -368,13 +375,18 @@ def keep_counts(
     dense: frozenset[str] = frozenset(),
     scores: Mapping[str, torch.Tensor] | None = None,
     power_scale: float = 1.0,
+    generator: torch.Generator | None = None,
 ) -> dict[str, int]:
-    """Keep counts per layer from the distribution registered as ``name`` (see module doc)."""
+    """Keep counts per layer from the distribution registered as ``name`` (see module doc).
+
+    ``generator`` breaks exact score ties of the ``global`` distribution at random."""
     key = str(name).strip().lower()
     if key not in DISTRIBUTIONS:
         raise ConfigError(
             f"unknown sparsity distribution '{name}'; choose one of {sorted(DISTRIBUTIONS)}"
         )
+    if key == "global":
+        return global_magnitude(shapes, sparsity, dense, scores, power_scale, generator)
     return DISTRIBUTIONS[key](shapes, sparsity, dense, scores, power_scale)
 
 

@@ -9,17 +9,34 @@ Invariants (each has a test):
   dense gradients it needs, e.g. RigL's grow scores);
 - optimizer state (momentum, Adam moments) is zeroed at positions that were just dropped or
   grown, so a regrown weight starts at zero with no stale history;
+- a grown weight ends its update step at exactly zero with zero optimizer state: by default
+  (``update_step=masked``) its gradient is masked in that step; ``skip`` undoes the whole
+  optimizer step on update steps (google-research/rigl); ``dense`` lets it train at once;
+- with Adam/AdamW and ``adam_bias_correction=per_weight``, a regrown weight is bias-corrected
+  by its own step count, so its updates equal those of a fresh Adam (the default,
+  ``per_tensor``, keeps torch's per-tensor count, as the reference implementations do);
+- a mask update whose dense gradients are not finite (an AMP overflow step) is skipped and
+  counted, for methods that read gradients;
 - random choices are seeded from (seed, step, layer), so every DDP rank makes the same
   choice without communication;
 - masks, the ever-active set and the update history round-trip through ``state_dict``.
 
 Pure torch: the Lightning module calls :meth:`before_optimizer_step` from
 ``on_before_optimizer_step`` and registers :meth:`attach` on its optimizer.
+
+What the engine reads at an update step: the gradients in ``param.grad`` when
+``on_before_optimizer_step`` runs — accumulated and DDP-reduced; under AMP with a GradScaler
+Lightning unscales them first unless the optimizer is fused, in which case they are still
+multiplied by the loss scale. Every score the methods here take from gradients (RigL's |g|)
+is a ranking, unchanged by one positive factor, so both give the same masks; an overflow
+shows as inf/NaN either way and the update is skipped.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
+import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,10 +46,20 @@ from torch import nn
 
 from prunelab.sparsity.masks import Masks
 
+log = logging.getLogger(__name__)
 
-def layer_generator(seed: int, step: int, layer: int) -> torch.Generator:
-    """A CPU generator seeded from (seed, step, layer): identical on every rank."""
-    digest = hashlib.blake2b(f"{seed}:{step}:{layer}".encode(), digest_size=8).digest()
+# A regrown weight's per-tensor and per-weight Adam bias corrections differ by less than
+# one part in 1e7 once beta^k < 1e-7: after that the weight needs no correction.
+_ADAM_TOLERANCE = 1e-7
+
+
+def layer_generator(seed: int, step: int, layer: int, stream: str = "") -> torch.Generator:
+    """A CPU generator seeded from (seed, step, layer[, stream]): identical on every rank.
+
+    ``stream`` names an independent sequence (e.g. tie-breaking) for the same layer and step.
+    """
+    key = f"{seed}:{step}:{layer}" + (f":{stream}" if stream else "")
+    digest = hashlib.blake2b(key.encode(), digest_size=8).digest()
     return torch.Generator().manual_seed(int.from_bytes(digest, "little") >> 1)
 
 
@@ -48,8 +75,8 @@ class Context:
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
     model: nn.Module | None = None
 
-    def generator(self, layer: int) -> torch.Generator:
-        return layer_generator(self.seed, self.step, layer)
+    def generator(self, layer: int, stream: str = "") -> torch.Generator:
+        return layer_generator(self.seed, self.step, layer, stream)
 
 
 class SparsityEngine:
@@ -72,9 +99,16 @@ class SparsityEngine:
         # rate and the per-layer densities in force from that step on.
         self.history: list[dict[str, Any]] = []
         self.n_updates = 0
+        self.n_skipped_updates = 0  # update steps skipped for non-finite gradients
         self.last_stats: dict[str, float] = {}
         self.rank_checks = 0  # cross-rank mask agreement checks passed (DDP)
         self._handles: list[Any] = []
+        # Adam per-weight bias correction: for each regrown weight, the optimizer step count
+        # (per tensor) before its first own update; 0 = not regrown. Kept sparse.
+        self.adam_resets: dict[str, torch.Tensor] = {}
+        self._latest_reset = 0
+        # update_step=skip: tensors to restore after the step, and params that had no state.
+        self._restore: tuple[dict[torch.Tensor, torch.Tensor], list[torch.Tensor]] | None = None
 
     # -- set-up -----------------------------------------------------------------------------
     @property
@@ -110,9 +144,22 @@ class SparsityEngine:
         if self.active:
             self._handles.append(optimizer.register_step_post_hook(self._after_step))
 
+    @torch.no_grad()
     def _after_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        if self._restore is not None:  # update_step=skip: undo this step entirely
+            saved, stateless = self._restore
+            for target, value in saved.items():
+                target.copy_(value)
+            for param in stateless:  # state the undone step created
+                optimizer.state.pop(param, None)
+            self._restore = None
+            if self.masks is not None:
+                self.masks.apply_(self.params)
+            return
         if self.masks is not None:
             self.masks.apply_(self.params)
+            if self.adam_resets and _is_adam(optimizer):
+                self._correct_adam(optimizer)
 
     def _device(self) -> torch.device:
         return next(iter(self.params.values())).device if self.params else torch.device("cpu")
@@ -122,6 +169,7 @@ class SparsityEngine:
         if self.masks is not None and next(iter(self.masks.values())).device != device:
             self.masks = self.masks.to(device)
             self.ever_active = self.ever_active.to(device) if self.ever_active else None
+            self.adam_resets = {n: r.to(device) for n, r in self.adam_resets.items()}
 
     # -- per step ---------------------------------------------------------------------------
     def before_optimizer_step(
@@ -135,22 +183,111 @@ class SparsityEngine:
         if not self.active or self.masks is None:
             return False
         self._ensure_device()
+        self._restore = None
         changed = False
+        grads = {n: p.grad for n, p in self.params.items()}
         if self.method.is_update_step(step):
-            grads = {n: p.grad for n, p in self.params.items()}
-            ctx = Context(self.seed, step, grads=grads, model=self.model)
-            new_masks = self.method.update(step, self.params, self.masks, ctx)
-            self._apply_update(step, new_masks, optimizer)
-            changed = True
-        self.masks.apply_({n: p.grad for n, p in self.params.items()})
+            if getattr(self.method, "needs_dense_grads", False) and not _all_finite(grads):
+                self.n_skipped_updates += 1
+                log.warning(
+                    "step %d: mask update skipped, the dense gradients are not finite "
+                    "(an AMP overflow step?); %d skipped so far",
+                    step,
+                    self.n_skipped_updates,
+                )
+            else:
+                old = self.masks
+                ctx = Context(self.seed, step, grads=grads, model=self.model)
+                new_masks = self.method.update(step, self.params, old, ctx)
+                grown = self._apply_update(step, new_masks, optimizer)
+                self._after_update(grown, grads, optimizer)
+                changed = True
+        self.masks.apply_(grads)
         return changed
+
+    @torch.no_grad()
+    def _after_update(
+        self,
+        grown: dict[str, torch.Tensor],
+        grads: dict[str, torch.Tensor | None],
+        optimizer: torch.optim.Optimizer | None,
+    ) -> None:
+        """What the optimizer step of an update step does to the grown weights."""
+        mode = getattr(self.method, "update_step", "masked")
+        if mode == "masked":
+            for name, positions in grown.items():
+                grad = grads.get(name)
+                if grad is not None:
+                    grad.masked_fill_(positions, 0)
+        elif mode == "skip" and optimizer is not None:
+            self._restore = _snapshot(optimizer)
+        if optimizer is None or not _is_adam(optimizer):
+            return
+        if getattr(self.method, "adam_bias_correction", "per_tensor") != "per_weight":
+            return
+        # The step count before the regrown weight's first own update: the step about to run
+        # is its first with ``dense``; with ``masked`` it runs with a zero gradient (the
+        # moments stay 0) and the next is its first; ``skip`` undoes the coming step.
+        offset = 1 if mode == "masked" else 0
+        for name, positions in grown.items():
+            if not bool(positions.any()):
+                continue
+            param = self.params[name]
+            before = _adam_step(optimizer, param)
+            reset = self.adam_resets.get(name)
+            if reset is None:
+                reset = self.adam_resets[name] = torch.zeros_like(param, dtype=torch.int64)
+            reset.masked_fill_(positions, before + offset)
+            self._latest_reset = max(self._latest_reset, before + offset)
+
+    @torch.no_grad()
+    def _correct_adam(self, optimizer: torch.optim.Optimizer) -> None:
+        """Move each recently regrown weight from the update Adam made with the tensor's step
+        count to the update a fresh Adam makes with the weight's own step count."""
+        groups = {id(p): g for g in optimizer.param_groups for p in g["params"]}
+        done = []
+        for name, reset in self.adam_resets.items():
+            param = self.params[name]
+            group = groups.get(id(param))
+            state = optimizer.state.get(param)
+            if group is None or not state or "exp_avg" not in state:
+                continue
+            t = _adam_step(optimizer, param)
+            beta1, beta2 = (float(b) for b in group["betas"])
+            horizon = math.log(_ADAM_TOLERANCE) / math.log(max(beta1, beta2, 1e-12))
+            own = t - reset
+            active = (reset > 0) & (own > 0) & (own < horizon)
+            if self.masks is not None:
+                active &= self.masks[name]
+            index = active.flatten().nonzero().flatten()
+            if t - int(reset.max()) >= horizon:
+                done.append(name)
+            if index.numel() == 0:
+                continue
+            k = own.flatten()[index].to(param.dtype)
+            m = state["exp_avg"].flatten()[index]
+            v = state["max_exp_avg_sq" if group.get("amsgrad") else "exp_avg_sq"]
+            v = v.flatten()[index]
+            lr, eps = float(group["lr"]), float(group["eps"])
+            sign = -1.0 if group.get("maximize") else 1.0
+
+            # torch.optim.Adam's step: lr / bc1 * m / (sqrt(v) / sqrt(bc2) + eps)
+            applied = lr / (1 - beta1**t) * m / (v.sqrt() / (1 - beta2**t) ** 0.5 + eps)
+            bc1, bc2 = 1 - torch.pow(beta1, k), 1 - torch.pow(beta2, k)
+            wanted = lr / bc1 * m / (v.sqrt() / bc2.sqrt() + eps)
+            param.view(-1).index_add_(0, index, sign * (applied - wanted))
+        for name in done:
+            del self.adam_resets[name]
 
     @torch.no_grad()
     def _apply_update(
         self, step: int, new_masks: Masks, optimizer: torch.optim.Optimizer | None
-    ) -> None:
+    ) -> dict[str, torch.Tensor]:
+        """Install ``new_masks``; zero dropped weights and the optimizer state of every weight
+        that changed. Returns the grown positions per layer."""
         old = self.masks
         changed_total = 0
+        grown: dict[str, torch.Tensor] = {}
         for name, param in self.params.items():
             new = new_masks[name]
             flipped = new ^ old[name]
@@ -158,10 +295,12 @@ class SparsityEngine:
             if optimizer is not None and bool(flipped.any()):
                 _zero_optimizer_state(optimizer, param, flipped)
             param.mul_(new)  # dropped weights become zero; grown ones are zero already
+            grown[name] = new & ~old[name]
             self.ever_active[name] |= new
         self.masks = new_masks
         self.n_updates += 1
         self._record(step=step, turnover=changed_total / max(self.masks.numel(), 1))
+        return grown
 
     # -- reporting --------------------------------------------------------------------------
     def _record(self, step: int, turnover: float) -> None:
@@ -198,13 +337,44 @@ class SparsityEngine:
         masks = self.masks if self.masks is not None else Masks.dense_like(self.params)
         return {
             "global": masks.sparsity(),
+            "pruned_layers": self.pruned_layers_sparsity(),
+            "dense_layers": sorted(getattr(self.method, "dense", ())),
             "layers": masks.layer_sparsity(),
             "weights_zero_global": zeros_global,
             "weights_zero_layers": zeros,
             "itop_rate": self.ever_active.density() if self.ever_active else 1.0,
             "n_updates": self.n_updates,
+            "n_skipped_updates": self.n_skipped_updates,
             "rank_checks": self.rank_checks,
         }
+
+    def pruned_layers_sparsity(self) -> float:
+        """Sparsity over the layers that are not kept dense (what ``budget=pruned`` targets)."""
+        masks = self.masks if self.masks is not None else Masks.dense_like(self.params)
+        dense = set(getattr(self.method, "dense", ()))
+        names = [n for n in masks if n not in dense]
+        total = sum(masks[n].numel() for n in names)
+        return 1.0 - sum(int(masks[n].sum()) for n in names) / total if total else 0.0
+
+    def at_target(self) -> bool:
+        """True once the masks hold the method's final sparsity (within one weight per layer):
+        the dense baseline always; a static or gradual method only after its last pruning
+        step. Best-checkpoint selection counts only epochs at target."""
+        if not self.active:
+            return True
+        if self.masks is None:
+            return False
+        method = self.method
+        target = (
+            method.sparsity
+            if method.budget == "pruned"
+            else method.budget_sparsity(method.sparsity)
+        )
+        reached = (
+            self.pruned_layers_sparsity() if method.budget == "pruned" else (self.masks.sparsity())
+        )
+        slack = len(self.masks) / max(1, self.masks.numel())
+        return reached >= target - slack - 1e-9
 
     # -- persistence ------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -213,7 +383,12 @@ class SparsityEngine:
             "ever_active": self.ever_active.state_dict() if self.ever_active else None,
             "history": list(self.history),
             "n_updates": self.n_updates,
+            "n_skipped_updates": self.n_skipped_updates,
             "seed": self.seed,
+            # Regrown weights still inside the Adam correction window, stored sparsely.
+            "adam_resets": {
+                n: (r.nonzero().cpu(), r[r != 0].cpu()) for n, r in self.adam_resets.items()
+            },
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -223,7 +398,14 @@ class SparsityEngine:
         self.ever_active = Masks.from_state_dict(ever, device) if ever else None
         self.history = list(state.get("history", []))
         self.n_updates = int(state.get("n_updates", 0))
+        self.n_skipped_updates = int(state.get("n_skipped_updates", 0))
         self.seed = int(state.get("seed", self.seed))
+        self.adam_resets = {}
+        for name, (index, values) in state.get("adam_resets", {}).items():
+            reset = torch.zeros_like(self.params[name], dtype=torch.int64)
+            reset[tuple(index.to(device).t())] = values.to(device)
+            self.adam_resets[name] = reset
+        self._latest_reset = max((int(r.max()) for r in self.adam_resets.values()), default=0)
         self.last_stats = (
             {k: v for k, v in self.history[-1].items() if k != "densities"} if self.history else {}
         )
@@ -241,3 +423,37 @@ def _zero_optimizer_state(
     for value in state.values():
         if torch.is_tensor(value) and value.shape == param.shape:
             value.masked_fill_(positions, 0)
+
+
+def _is_adam(optimizer: torch.optim.Optimizer) -> bool:
+    return isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW))
+
+
+def _adam_step(optimizer: torch.optim.Optimizer, param: torch.Tensor) -> int:
+    """The optimizer's step count for ``param`` (0 before its first step)."""
+    step = optimizer.state.get(param, {}).get("step", 0)
+    return int(step.item()) if torch.is_tensor(step) else int(step)
+
+
+def _all_finite(grads: dict[str, torch.Tensor | None]) -> bool:
+    return all(g is None or bool(torch.isfinite(g).all()) for g in grads.values())
+
+
+def _snapshot(
+    optimizer: torch.optim.Optimizer,
+) -> tuple[dict[torch.Tensor, torch.Tensor], list[torch.Tensor]]:
+    """Copies of every parameter and optimizer-state tensor, and the parameters that have no
+    optimizer state yet: what it takes to undo one step."""
+    saved: dict[torch.Tensor, torch.Tensor] = {}
+    stateless: list[torch.Tensor] = []
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            saved[param] = param.detach().clone()
+            state = optimizer.state.get(param)
+            if not state:
+                stateless.append(param)
+                continue
+            for value in state.values():
+                if torch.is_tensor(value):
+                    saved[value] = value.detach().clone()
+    return saved, stateless

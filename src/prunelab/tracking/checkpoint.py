@@ -23,6 +23,9 @@ class RunCheckpoint(ModelCheckpoint):
     """
 
     CHECKPOINT_NAME_LAST = Path(files.LAST_CHECKPOINT).stem
+    # The epoch (and the sparsity of its masks) that best.ckpt holds; None before one is saved.
+    best_epoch: int | None = None
+    best_sparsity: float | None = None
 
     def __init__(self, run_dir: str | Path, monitor: str = "val/acc", mode: str = "max") -> None:
         super().__init__(
@@ -37,6 +40,34 @@ class RunCheckpoint(ModelCheckpoint):
     @property
     def state_key(self) -> str:
         return self._state_key
+
+    def _save_topk_checkpoint(self, trainer: Any, monitor_candidates: dict[str, Any]) -> None:
+        """Only epochs whose masks hold the final sparsity may become best.ckpt: a static
+        run's dense epochs or a gradual ramp's early ones would otherwise win."""
+        module = trainer.lightning_module
+        if hasattr(module, "at_target") and not module.at_target():
+            return
+        super()._save_topk_checkpoint(trainer, monitor_candidates)
+
+    def _update_best_and_save(self, current: Any, trainer: Any, monitor_candidates: Any) -> None:
+        # Set before the save, so that best.ckpt itself carries them (a test run that loads
+        # it restores this callback's state).
+        self.best_epoch = int(trainer.current_epoch)
+        masks = getattr(getattr(trainer.lightning_module, "engine", None), "masks", None)
+        self.best_sparsity = float(masks.sparsity()) if masks is not None else 0.0
+        super()._update_best_and_save(current, trainer, monitor_candidates)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            **super().state_dict(),
+            "best_epoch": self.best_epoch,
+            "best_sparsity": (self.best_sparsity),
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self.best_epoch = state_dict.get("best_epoch")
+        self.best_sparsity = state_dict.get("best_sparsity")
 
     def _save_latest(self, trainer: Any) -> None:
         if self._last_global_step_saved != trainer.global_step or not self.last_model_path:
