@@ -6,7 +6,9 @@ what it holds, what was expected, and the override that fixes it.
 
 from __future__ import annotations
 
+import functools
 import numbers
+import re
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +20,9 @@ CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 # Command-line flags of Hydra after which no composition happens (help, config printing).
 _INFO_FLAGS = ("--help", "-h", "--hydra-help", "--cfg", "-c", "--info", "-i", "--shell-completion")
 _LR_SCHEDULER_INTERVALS = ("step", "epoch")
+# Top-level keys that Hydra itself adds to a composed config.
+_HYDRA_KEYS = frozenset({"hydra"})
+_PACKAGE_HEADER = re.compile(r"^#\s*@package\s+(\S+)")
 
 
 def _number(cfg: DictConfig, key: str) -> float:
@@ -35,8 +40,70 @@ def _positive(cfg: DictConfig, key: str, integer: bool = False) -> None:
         raise ConfigError(f"{key} must be > 0, got {value!r}; pass a positive value, e.g. {key}=10")
 
 
+def _package(path: Path) -> str | None:
+    """The ``# @package`` of a config file (its leading comment lines), if it names one."""
+    for line in path.read_text().splitlines():
+        if not line.startswith("#"):
+            break
+        match = _PACKAGE_HEADER.match(line)
+        if match:
+            return match.group(1)
+    return None
+
+
+def _root_groups(conf_dir: Path) -> list[str]:
+    """The config groups named in the root config's defaults list."""
+    import yaml
+
+    root = yaml.safe_load((conf_dir / "train.yaml").read_text()) or {}
+    groups = []
+    for entry in root.get("defaults", []):
+        if isinstance(entry, dict):
+            for key in entry:
+                name = str(key).removeprefix("override ").removeprefix("optional ").strip()
+                groups.append(name.lstrip("/").split("@")[0])
+    return groups
+
+
+@functools.cache
+def known_keys(conf_dir: Path = CONF_DIR) -> frozenset[str]:
+    """Every top-level key that the root config or one of its groups defines.
+
+    An option of a group (a yaml file in its folder) adds the group's name, or the first part
+    of its ``# @package``; an option in ``_global_`` (dataset, experiment, launcher, ...) adds
+    its own top-level keys. Read from the config folder, so new keys and groups need no
+    change here.
+    """
+    import yaml
+
+    keys = set(_HYDRA_KEYS)
+    root = yaml.safe_load((conf_dir / "train.yaml").read_text()) or {}
+    keys.update(str(k) for k in root if k != "defaults")
+    for group in _root_groups(conf_dir):
+        folder = conf_dir / group
+        for path in sorted(folder.glob("*.yaml")) if folder.is_dir() else []:
+            package = _package(path) or group
+            if package == "_global_":
+                content = yaml.safe_load(path.read_text()) or {}
+                keys.update(str(k) for k in content if k != "defaults")
+            else:
+                keys.add(package.removeprefix("_global_.").replace("_group_", group).split(".")[0])
+    return frozenset(keys)
+
+
+def _check_top_level_keys(cfg: DictConfig) -> None:
+    known = known_keys()
+    for key in cfg:
+        if key not in known:
+            raise ConfigError(
+                f"unknown config key '{key}': nothing reads it; check the spelling "
+                f"(keys: {', '.join(sorted(known - _HYDRA_KEYS))})"
+            )
+
+
 def validate(cfg: DictConfig) -> None:
     """Check a composed config; raise ConfigError with a one-line fix on the first mistake."""
+    _check_top_level_keys(cfg)
     for group in ("dataset", "model", "optimizer", "trainer", "pruning"):
         if OmegaConf.select(cfg, group) is None:
             raise ConfigError(f"config group '{group}' is empty; choose one, e.g. {group}=...")
@@ -64,6 +131,12 @@ def validate(cfg: DictConfig) -> None:
     interval = OmegaConf.select(cfg, "lr_scheduler.interval", default="epoch")
     if interval not in _LR_SCHEDULER_INTERVALS:
         raise ConfigError(f"lr_scheduler.interval must be 'step' or 'epoch', got {interval!r}")
+    norm_bias = cfg.get("weight_decay_norm_bias", True)
+    if not isinstance(norm_bias, bool):
+        raise ConfigError(
+            f"weight_decay_norm_bias must be true or false, got {norm_bias!r}; "
+            "e.g. weight_decay_norm_bias=false"
+        )
     pruning_method(cfg)
     if cfg.get("test_ckpt") not in ("last", "best"):
         raise ConfigError(f"test_ckpt must be 'last' or 'best', got {cfg.get('test_ckpt')!r}")

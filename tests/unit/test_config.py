@@ -103,3 +103,53 @@ def test_experiments_compose_and_validate(compose_cfg, experiment):
     cfg = compose_cfg(f"experiment={experiment}", "pruning=rigl", fast=False)
     validate(cfg)
     assert cfg.task_name == experiment and cfg.skip_completed
+
+
+def test_unknown_top_level_key_is_one_line(compose_cfg):
+    cfg = compose_cfg("+unknown_key=1")
+    with pytest.raises(ConfigError) as err:
+        validate(cfg)
+    msg = _one_line(err)
+    assert "'unknown_key'" in msg and "nothing reads it" in msg
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        (),
+        ("launcher=joblib", "n_jobs=1"),
+        ("hparams_search=rigl_optuna",),
+        ("debug=fast",),
+        ("experiment=mnist_lenet300", "pruning=rigl"),
+        ("+trainer.profiler=simple",),
+    ],
+)
+def test_keys_of_the_root_config_and_its_groups_are_known(compose_cfg, overrides):
+    validate(compose_cfg(*overrides))
+
+
+def test_known_keys_follow_the_config_folder(tmp_path):
+    """Keys come from the root config and its groups, so new ones need no code change."""
+    from prunelab.config import known_keys
+
+    (tmp_path / "train.yaml").write_text(
+        "defaults:\n  - _self_\n  - widget: a\n  - optional extra: null\nalpha: 1\n"
+    )
+    (tmp_path / "widget").mkdir()
+    (tmp_path / "widget" / "a.yaml").write_text("size: 3\n")
+    (tmp_path / "extra").mkdir()
+    (tmp_path / "extra" / "x.yaml").write_text("# @package _global_\nbeta: 2\nwidget:\n  size: 4\n")
+    (tmp_path / "unused").mkdir()
+    (tmp_path / "unused" / "y.yaml").write_text("gamma: 3\n")
+    keys = known_keys(tmp_path)
+    assert {"alpha", "widget", "beta", "hydra"} <= keys
+    assert not {"extra", "unused", "gamma", "size", "defaults"} & keys
+
+
+def test_weight_decay_norm_bias_is_a_bool(compose_cfg):
+    assert compose_cfg().weight_decay_norm_bias is True
+    validate(compose_cfg("weight_decay_norm_bias=false"))
+    cfg = compose_cfg("weight_decay_norm_bias=1")
+    with pytest.raises(ConfigError) as err:
+        validate(cfg)
+    assert "weight_decay_norm_bias" in _one_line(err)

@@ -220,16 +220,31 @@ def test_drop_update_steps_listed():
 
 @SETTINGS
 @given(value=st.floats(0.0, 1.0), total=st.integers(0, 10**6))
-def test_resolve_fraction(value, total):
+def test_resolve_fraction_is_the_nearest_step(value, total):
     step = resolve_fraction(value, total)
-    assert step == round(value * total)
-    assert 0 <= step <= total
+    assert isinstance(step, int) and 0 <= step <= total
+    assert abs(step - value * total) <= 0.5
 
 
-def test_resolve_fraction_examples():
-    assert resolve_fraction(0.75, 1000) == 750
-    assert resolve_fraction(0.0, 1000) == 0
-    assert resolve_fraction(1.0, 1000) == 1000
+@pytest.mark.parametrize(
+    ("value", "total", "step"),
+    [
+        (0.75, 1000, 750),
+        (0.0, 1000, 0),
+        (1.0, 1000, 1000),
+        (0.75, 97656, 73242),  # RigL's T_end on the CIFAR-10 recipe (97,656 steps)
+        (0.75, 54000, 40500),  # 100 epochs of 540 steps
+        (0.5, 391, 196),  # 195.5: ties go to the even step
+        (0.5, 393, 196),  # 196.5: ties go to the even step
+        (0.3, 1001, 300),  # 300.3
+        (0.29, 100, 29),  # 28.999999999999996 in floating point
+        (0.57, 100, 57),  # 56.99999999999999 in floating point
+        (0.999, 1000, 999),
+        (0.25, 0, 0),
+    ],
+)
+def test_resolve_fraction_examples(value, total, step):
+    assert resolve_fraction(value, total) == step
 
 
 # --------------------------------------------------------------------------------------
