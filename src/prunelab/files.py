@@ -6,6 +6,8 @@ one-line change and tables built from old runs keep finding their inputs.
 
 from pathlib import Path
 
+# Where runs write by default (paths.log_dir), relative to the repository root.
+OUTPUTS_DIR = "outputs"
 RESULTS = "results.json"
 CHECKPOINT_DIR = "checkpoints"
 LAST_CHECKPOINT = "last.ckpt"

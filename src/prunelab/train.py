@@ -22,9 +22,12 @@ from prunelab.errors import ConfigError
 from prunelab.tracking import wandb_setup
 from prunelab.tracking.results import (
     RunRecord,
+    code_version,
     config_hash,
+    describe_code,
     is_main_process,
     read_record,
+    same_code,
     write_json_atomic,
 )
 from prunelab.tracking.summary import print_summary
@@ -54,19 +57,33 @@ def _choices() -> dict[str, str]:
     return {k: str(v) for k, v in hc.runtime.choices.items()} if hc is not None else {}
 
 
-def _instantiate(node: Any, **kwargs: Any) -> Any:
-    """``hydra.utils.instantiate`` that lets a ConfigError from a constructor through as is."""
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def _instantiate(node: Any, group: str, **kwargs: Any) -> Any:
+    """``hydra.utils.instantiate`` of the config group ``group`` (``trainer``, ``model``, ...).
+
+    A ConfigError from a constructor goes through as is; any other failure becomes a
+    one-line ConfigError naming the group, its ``_target_`` and the underlying message (the
+    innermost exception's first line), instead of Hydra's multi-line report.
+    """
     from hydra.errors import InstantiationException
 
     try:
         return hydra.utils.instantiate(node, **kwargs)
     except InstantiationException as err:
-        cause = err.__cause__
-        while cause is not None and not isinstance(cause, ConfigError):
+        cause: BaseException = err
+        while cause.__cause__ is not None and not isinstance(cause, ConfigError):
             cause = cause.__cause__
         if isinstance(cause, ConfigError):
             raise cause from None
-        raise
+        target = OmegaConf.select(node, "_target_", default="?") if node is not None else "?"
+        raise ConfigError(
+            f"{group}: cannot instantiate {target}: {_first_line(cause).rstrip('.')}; "
+            f"check the {group}.* values (`python train.py --cfg job --package {group}`)"
+        ) from None
 
 
 def build(cfg: DictConfig) -> dict[str, Any]:
@@ -75,10 +92,13 @@ def build(cfg: DictConfig) -> dict[str, Any]:
     from prunelab.module import ClassificationModule
     from prunelab.sparsity.engine import SparsityEngine
 
-    datamodule = _instantiate(cfg.dataset)
+    datamodule = _instantiate(cfg.dataset, "dataset")
     datamodule.check_available()
     model = _instantiate(
-        cfg.model, input_shape=tuple(datamodule.input_shape), num_classes=datamodule.num_classes
+        cfg.model,
+        "model",
+        input_shape=tuple(datamodule.input_shape),
+        num_classes=datamodule.num_classes,
     )
     method = pruning_method(cfg)
     prunable = prunable_parameters(model)
@@ -87,11 +107,12 @@ def build(cfg: DictConfig) -> dict[str, Any]:
     module = ClassificationModule(
         model=model,
         num_classes=datamodule.num_classes,
-        optimizer=hydra.utils.instantiate(cfg.optimizer),
-        scheduler=hydra.utils.instantiate(scheduler_cfg) if scheduler_cfg else None,
+        optimizer=_instantiate(cfg.optimizer, "optimizer"),
+        scheduler=_instantiate(scheduler_cfg, "lr_scheduler") if scheduler_cfg else None,
         scheduler_interval=cfg.lr_scheduler.get("interval", "epoch"),
         log_every_n_steps=cfg.trainer.get("log_every_n_steps", 50),
         engine=engine,
+        weight_decay_norm_bias=bool(cfg.get("weight_decay_norm_bias", True)),
     )
     return {
         "datamodule": datamodule,
@@ -140,10 +161,37 @@ def _limit_threads() -> None:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // parallel))
 
 
-def _completed_elsewhere(cfg: DictConfig, cell: str, seed: int) -> dict[str, Any] | None:
-    """A completed record of the same cell and seed in this sweep's folder (or run folder)."""
+def _latency_under_load() -> bool:
+    """Whether other jobs of this sweep may run on this machine while this one is timed: a
+    joblib sweep with ``n_jobs`` other than 1, or submitit's local launcher (which starts
+    every job at once). SLURM jobs run in their own allocation and are not flagged."""
+    hc = _hydra_runtime()
+    if hc is None or not _is_multirun():
+        return False
+    launcher = hc.launcher or {}
+    if str(launcher.get("_target_", "")).endswith("LocalLauncher"):
+        return True
+    n_jobs = launcher.get("n_jobs")
+    return isinstance(n_jobs, int) and not isinstance(n_jobs, bool) and n_jobs != 1
+
+
+def _check_skip_completed(cfg: DictConfig) -> None:
+    """skip_completed must be false (run every job), true (reuse a completed record of the
+    same cell and seed made by this code) or 'any_code' (reuse one made by any code);
+    anything else is a ConfigError (one line)."""
+    value = cfg.get("skip_completed", False)
+    if not (isinstance(value, bool) or value == "any_code"):
+        raise ConfigError(
+            f"skip_completed must be true, false or any_code, got {value!r}; e.g. "
+            "skip_completed=true (reuse what this code completed) or skip_completed=any_code"
+        )
+
+
+def _completed_records(cfg: DictConfig, cell: str, seed: int) -> list[dict[str, Any]]:
+    """Completed records of the same cell and seed in this sweep's folder (or run folder)."""
     hc = _hydra_runtime()
     root = Path(hc.sweep.dir) if hc is not None and _is_multirun() else Path(cfg.paths.output_dir)
+    found = []
     for path in sorted(root.rglob(files.RESULTS)):
         record = read_record(path.parent)
         if (
@@ -152,8 +200,79 @@ def _completed_elsewhere(cfg: DictConfig, cell: str, seed: int) -> dict[str, Any
             and record.get("config_hash") == cell
             and record.get("seed") == seed
         ):
-            return record
-    return None
+            found.append(record)
+    return found
+
+
+def _completed_elsewhere(
+    cfg: DictConfig, cell: str, seed: int, code: dict[str, Any]
+) -> dict[str, Any] | None:
+    """The completed record of this cell and seed that ``skip_completed`` may reuse, or None.
+
+    ``skip_completed=true`` reuses only a record made by the same code (:func:`same_code`:
+    same commit, clean, or dirty with the same changes); ``any_code`` reuses any. Either
+    way one log line says which record is reused, or why none is.
+    """
+    records = _completed_records(cfg, cell, seed)
+    if not records:
+        return None
+    any_code = cfg.get("skip_completed") == "any_code"
+    chosen = next((r for r in records if any_code or same_code(r.get("code"), code)), None)
+    if chosen is None:
+        other = records[0]
+        log.info(
+            "skip_completed: cell %s seed %s was completed in %s by other code (%s; this run: "
+            "%s); running it again (skip_completed=any_code would reuse it)",
+            cell,
+            seed,
+            other.get("run_dir"),
+            describe_code(other.get("code")),
+            describe_code(code),
+        )
+        return None
+    log.info(
+        "skip_completed: cell %s seed %s already completed in %s by %s; reusing it",
+        cell,
+        seed,
+        chosen.get("run_dir"),
+        describe_code(chosen.get("code")),
+    )
+    return chosen
+
+
+def _unpruned(built: dict[str, Any]) -> dict[str, Any]:
+    """Weights with two or more dimensions that pruning leaves out, for the record's
+    ``sparsity`` (``unpruned_params``: name -> numel, ``unpruned_share``); one warning line
+    names them when the method prunes."""
+    from prunelab.models import unpruned_share, unpruned_weights
+
+    model, prunable = built["model"], built["prunable"]
+    unpruned = unpruned_weights(model, prunable)
+    share = unpruned_share(model, prunable)
+    if unpruned and not built["engine"].method.is_dense:
+        log.warning(
+            "pruning leaves out %d weight(s) with 2+ dimensions, %.1f%% of all such weights: %s",
+            len(unpruned),
+            100 * share,
+            ", ".join(f"{name} ({numel:,})" for name, numel in unpruned.items()),
+        )
+    return {"unpruned_params": unpruned, "unpruned_share": share}
+
+
+def _check_cost_meter(cfg: DictConfig, built: dict[str, Any]) -> None:
+    """Count the model's FLOPs once before training, so that a model the cost meter cannot
+    measure (a prunable layer credited with no FLOPs, see :func:`prunelab.cost.layer_flops`)
+    fails now with a ConfigError rather than after training. Torch's CPU random state is
+    restored afterwards, so training draws the same numbers as without the check."""
+    import torch
+
+    from prunelab.cost import layer_flops
+
+    if not (cfg.get("cost") or {}).get("enabled", True):
+        return
+    shape = tuple(built["datamodule"].input_shape)
+    with torch.random.fork_rng(devices=[]):
+        layer_flops(built["model"], shape, params=built["prunable"])
 
 
 def _cost(cfg: DictConfig, built: dict[str, Any], trainer: Any) -> dict[str, Any]:
@@ -182,6 +301,7 @@ def _cost(cfg: DictConfig, built: dict[str, Any], trainer: Any) -> dict[str, Any
         measure_latency=bool(settings.get("latency", True)),
         latency_batch_sizes=tuple(settings.get("latency_batch_sizes", (1, 256))),
         latency_repeats=int(settings.get("latency_repeats", 15)),
+        latency_under_load=_latency_under_load(),
     )
     return {k: v for k, v in report.items() if v is not None}
 
@@ -223,6 +343,7 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> dict[str, Any]:
     run_dir = Path(cfg.paths.output_dir)
     try:
         validate(cfg)
+        _check_skip_completed(cfg)
     except ConfigError as err:
         if _is_multirun():  # the sweep's table must show this cell as failed
             unresolved = OmegaConf.to_container(cfg, resolve=False)
@@ -234,22 +355,17 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> dict[str, Any]:
     # Hash the config as written (interpolations such as dataset.seed=${seed} unresolved),
     # so that seeds and machines do not change an experiment cell's name.
     cell = _cell_hash(cfg)
+    code = code_version()
     if cfg.get("skip_completed"):
-        done = _completed_elsewhere(cfg, cell, int(cfg.seed))
+        done = _completed_elsewhere(cfg, cell, int(cfg.seed), code)
         if done is not None:
-            log.info(
-                "skip_completed: %s seed %s already completed in %s",
-                cell,
-                cfg.seed,
-                done.get("run_dir"),
-            )
             if Path(done.get("run_dir", "")) != run_dir:
                 write_json_atomic(
                     files.results_path(run_dir), {**done, "skipped_from": done.get("run_dir")}
                 )
             return done
     _limit_threads()
-    record = RunRecord(run_dir, config, seed=int(cfg.seed), config_hash=cell)
+    record = RunRecord(run_dir, config, seed=int(cfg.seed), config_hash=cell, code=code)
     wandb_logger = None
     try:
         pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
@@ -264,14 +380,17 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> dict[str, Any]:
             n_params=sum(p.numel() for p in built["model"].parameters()),
             n_prunable=sum(p.numel() for p in built["prunable"].values()),
         )
+        unpruned = _unpruned(built)
+        _check_cost_meter(cfg, built)
         checkpoint = RunCheckpoint(run_dir)
         progress = []
         if cfg.trainer.get("enable_progress_bar", True):
             progress.append(ThrottledRichProgressBar(leave=True))
         loggers = _loggers(cfg, run_dir, config, name, group=cell, tags=tags)
         wandb_logger = next((lg for lg in loggers if type(lg).__name__ == "WandbLogger"), None)
-        trainer = hydra.utils.instantiate(
+        trainer = _instantiate(
             cfg.trainer,
+            "trainer",
             logger=loggers,
             callbacks=[checkpoint, *progress, *(callbacks or [])],
             default_root_dir=str(run_dir),
@@ -286,12 +405,16 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> dict[str, Any]:
         metrics = _scalar_metrics({**fit_metrics, **(test[0] if test else {})})
         cost = _cost(cfg, built, trainer)
         for logger in loggers:
-            logger.log_metrics({f"cost/{k}": v for k, v in cost.items()}, step=trainer.global_step)
+            logger.log_metrics(
+                {f"cost/{k}": int(v) if isinstance(v, bool) else v for k, v in cost.items()},
+                step=trainer.global_step,
+            )
         record.complete(
             metrics=metrics,
             sparsity={
                 "target": 0.0 if built["engine"].method.is_dense else float(cfg.sparsity),
                 **built["engine"].sparsity_report(),
+                **unpruned,
             },
             sparsity_curve=built["engine"].history,
             cost=cost,
@@ -299,6 +422,13 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> dict[str, Any]:
             epochs_completed=int(trainer.current_epoch),
             global_step=int(trainer.global_step),
             checkpoint=str(files.last_checkpoint(run_dir)),
+            # The epoch best.ckpt holds: only epochs at the target sparsity compete.
+            best_checkpoint={
+                "epoch": checkpoint.best_epoch,
+                "sparsity": checkpoint.best_sparsity,
+                "val/acc": _scalar_metrics({"v": checkpoint.best_model_score}).get("v"),
+                "tested": test_ckpt == "best",
+            },
         )
         if is_main_process():
             wandb_setup.log_run_end(wandb_logger, record.data)

@@ -482,3 +482,64 @@ def test_cost_report_dense_without_masks(lenet):
     assert r["bytes_dense_fp32"] == 4 * 266_610
     assert "flops_train" not in r and not any(k.startswith("latency") for k in r)
     assert math.isclose(r["density_prunable"], 1.0)
+
+
+# -- honest labels ---------------------------------------------------------------------------
+
+
+class _FunctionalFc(nn.Module):
+    """A prunable Linear whose weight is used through ``F.linear`` outside the module call,
+    so the FLOP counter attributes its FLOPs to the root module, not to ``fc``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(6, 4)
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.head(F.linear(x, self.fc.weight, self.fc.bias))
+
+
+def test_prunable_layer_without_flops_is_an_error():
+    with pytest.raises(ValueError, match=r"'fc\.weight'") as err:
+        layer_flops(_FunctionalFc(), (6,))
+    assert "\n" not in str(err.value)
+
+
+def test_dense_latency_variant_times_a_dense_model(lenet, monkeypatch):
+    from prunelab.cost import latency
+
+    masks = magnitude_masks(lenet, 0.1)
+    masked(lenet, masks)
+    timed: dict[str, nn.Module] = {}
+
+    def fake_measure(net, input_shape, batch_sizes, repeats, min_block_s=0.01):
+        timed[f"v{len(timed)}"] = net
+        return {f"b{b}": {"latency_ms": 1.0} for b in batch_sizes}
+
+    monkeypatch.setattr(latency, "measure_latency", fake_measure)
+    out = latency.latency_report(lenet, masks, LENET_SHAPE, (1,), repeats=1)
+    assert out["latency_ms/dense/b1"] == 1.0
+    dense = dict(timed["v0"].named_parameters())  # the first variant timed is 'dense'
+    for name, mask in masks.items():
+        w, kept = dense[name], lenet.get_parameter(name)[mask]
+        assert bool((w != 0).all()), name  # no pruned zeros left in the dense model
+        assert torch.equal(w[mask], kept)  # surviving weights unchanged
+        refill = w[~mask]
+        assert 0.5 < float(refill.std() / kept.std()) < 2.0, name
+    assert bool((lenet.get_parameter("head.weight")[~masks["head.weight"]] == 0).all())
+
+
+def test_latency_report_records_threads_and_load(lenet):
+    r = cost_report(
+        lenet,
+        None,
+        LENET_SHAPE,
+        latency_batch_sizes=(1,),
+        latency_repeats=1,
+        latency_under_load=True,
+    )
+    assert r["latency_threads"] == torch.get_num_threads()
+    assert r["latency_under_load"] is True
+    r = cost_report(lenet, None, LENET_SHAPE, measure_latency=False)
+    assert "latency_threads" not in r and "latency_under_load" not in r

@@ -59,3 +59,88 @@ def test_read_record_of_missing_or_corrupt(tmp_path):
     assert read_record(tmp_path) is None
     files.results_path(tmp_path).write_text("{half")
     assert read_record(tmp_path) is None
+
+
+# -- code provenance -------------------------------------------------------------------------
+
+
+def _git(cwd, *args):
+    import subprocess
+
+    return subprocess.run(
+        ["git", "-c", "user.name=t", "-c", "user.email=t@t", *args],
+        cwd=cwd,
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
+
+
+@pytest.fixture
+def checkout(tmp_path):
+    """A tiny git checkout with one committed source file and an ignored outputs/ folder."""
+    import shutil
+
+    if shutil.which("git") is None:
+        pytest.skip("git is not installed")
+    repo = tmp_path / "repo"
+    (repo / "src").mkdir(parents=True)
+    (repo / "src" / "a.py").write_text("x = 1\n")
+    _git(repo, "init", "-q")
+    _git(repo, "add", "src/a.py")
+    _git(repo, "commit", "-q", "-m", "init")
+    return repo
+
+
+def test_code_version_of_a_clean_and_a_dirty_checkout(checkout):
+    from prunelab.tracking import results
+
+    head = _git(checkout, "rev-parse", "HEAD")
+    clean = results.code_version(checkout / "src")
+    assert clean["commit"] == head and clean["dirty"] is False
+    (checkout / "outputs" / "runs").mkdir(parents=True)
+    (checkout / "outputs" / "runs" / "results.json").write_text("{}")
+    assert results.code_version(checkout)["dirty"] is False  # run outputs do not count
+    (checkout / "src" / "a.py").write_text("x = 2\n")
+    dirty = results.code_version(checkout)
+    assert dirty["commit"] == head and dirty["dirty"] is True
+    (checkout / "src" / "a.py").write_text("x = 1\n")
+    (checkout / "src" / "new.py").write_text("y = 1\n")
+    assert results.code_version(checkout)["dirty"] is True  # an untracked source file does
+
+
+def test_code_version_outside_a_checkout_or_without_git(tmp_path, monkeypatch):
+    from prunelab.tracking import results
+
+    nulls = {"commit": None, "dirty": None, "diff_sha": None}
+    assert results.code_version(tmp_path) == nulls
+    monkeypatch.setenv("PATH", str(tmp_path))  # no git executable
+    assert results.code_version() == nulls
+
+
+def test_run_record_stores_the_code_version(tmp_path):
+    from prunelab.tracking import results
+
+    code = {"commit": "a" * 40, "dirty": False, "diff_sha": None}
+    rec = results.RunRecord(tmp_path, {"seed": 0}, seed=0, code=code)
+    rec.flush()
+    assert read_record(tmp_path)["code"] == code
+    default = results.RunRecord(tmp_path, {"seed": 0}, seed=0).data["code"]
+    assert set(default) == {"commit", "dirty", "diff_sha"}
+
+
+def test_same_code_needs_a_known_commit_and_the_same_changes():
+    from prunelab.tracking.results import describe_code, same_code
+
+    clean = {"commit": "c" * 40, "dirty": False, "diff_sha": None}
+    dirty = {"commit": "c" * 40, "dirty": True, "diff_sha": "d" * 12}
+    assert same_code(clean, dict(clean)) and same_code(dirty, dict(dirty))
+    assert not same_code(clean, {**clean, "commit": "e" * 40})
+    assert not same_code(clean, dirty) and not same_code(dirty, clean)
+    assert not same_code(dirty, {**dirty, "diff_sha": "f" * 12})
+    assert not same_code({**dirty, "diff_sha": None}, {**dirty, "diff_sha": None})
+    unknown = {"commit": None, "dirty": None, "diff_sha": None}
+    assert not same_code(unknown, unknown) and not same_code(None, clean)
+    assert describe_code(clean) == "commit cccccccccccc"
+    assert describe_code(dirty) == "commit cccccccccccc (dirty)"
+    assert describe_code(None) == describe_code(unknown) == "unknown code"

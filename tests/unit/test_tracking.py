@@ -70,3 +70,19 @@ def test_summary_shows_cost_when_present():
     assert rows["size"] == "13.0 KiB sparse (CSR) vs 60.0 KiB dense"
     assert rows["latency b256"] == "0.100 ms sparse vs 0.200 ms dense"
     assert "inference FLOPs" not in dict(summary_rows({"config": {}, "sparsity": {}}))
+
+
+def test_summary_says_when_latency_was_measured_under_load():
+    cost = {
+        "flops_infer_sparse": 3000.0,
+        "bytes_csr": 1024,
+        "bytes_dense_fp32": 4096,
+        "latency_ms/dense/b256": 0.2,
+        "latency_ms/sparse/b256": 0.1,
+        "latency_threads": 1,
+    }
+    quiet = dict(summary_rows({"cost": cost, "config": {}, "sparsity": {}}))
+    assert quiet["latency b256"] == "0.100 ms sparse vs 0.200 ms dense (1 thread)"
+    loaded = {**cost, "latency_under_load": True}
+    rows = dict(summary_rows({"cost": loaded, "config": {}, "sparsity": {}}))
+    assert rows["latency b256"].endswith("(1 thread, under load: parallel sweep)")

@@ -30,7 +30,12 @@ from prunelab.cost.flops import (
     layer_flops,
     sparse_forward_flops,
 )
-from prunelab.cost.latency import build_sparse_model, compact_linear_chain, measure_latency
+from prunelab.cost.latency import (
+    build_sparse_model,
+    compact_linear_chain,
+    dense_copy,
+    measure_latency,
+)
 from prunelab.cost.size import size_report
 from prunelab.cost.training import (
     METHOD_ACCOUNTING,
@@ -56,6 +61,7 @@ def cost_report(
     measure_latency: bool = True,
     latency_batch_sizes: Sequence[int] = (1, 256),
     latency_repeats: int = 15,
+    latency_under_load: bool = False,
 ) -> dict[str, float | None]:
     """Every cost of ``model`` pruned by ``masks`` (``None``: its zeros), as a flat dict.
 
@@ -86,7 +92,12 @@ def cost_report(
     - with ``measure_latency``: ``latency_ms/<variant>/b<batch>`` and
       ``peak_tensor_alloc_mb/...`` (CPU) or ``peak_cuda_alloc_mb/...`` (CUDA) for variants
       ``dense``, ``masked``, ``sparse`` (CSR Linear layers) and, for Linear chains only,
-      ``compact`` (:mod:`.latency`); median over ``latency_repeats`` blocks.
+      ``compact`` (:mod:`.latency`); median over ``latency_repeats`` blocks. ``dense`` is
+      the same architecture with its pruned entries refilled (:func:`.latency.dense_copy`),
+      not the pruned model. ``latency_threads``: torch's intra-op threads during the timing;
+      ``latency_under_load``: the caller's ``latency_under_load``, true when other jobs (a
+      parallel sweep) may have shared the machine while it was timed, so the numbers are
+      not those of an idle machine.
     """
     params_all = dict(model.named_parameters())
     if masks is not None:
@@ -135,6 +146,7 @@ def cost_report(
                 model, masks, input_shape, latency_batch_sizes, repeats=latency_repeats
             )
         )
+        report["latency_under_load"] = bool(latency_under_load)
     return report
 
 
@@ -145,6 +157,7 @@ __all__ = [
     "build_sparse_model",
     "compact_linear_chain",
     "cost_report",
+    "dense_copy",
     "dense_training_flops",
     "densities_of",
     "energy_report",

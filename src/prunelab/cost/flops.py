@@ -14,7 +14,9 @@ The dense counts are measured, not hand-written per layer type: one forward pass
 sample under the counter, whose per-module breakdown (:meth:`FlopCounterMode.get_flop_counts`,
 keyed ``<RootClass>.<module qualified name>``) is attributed to the modules owning the
 prunable weights (``x.weight`` -> module ``x``). Counts not inside a prunable layer form
-``other``. A sparse layer's FLOPs are its dense FLOPs times its density, as in Evci et al.
+``other``; a prunable layer that the counter credits with no FLOPs while the model has some
+is an error (its weight is used outside its module, e.g. through a functional call, and its
+FLOPs would otherwise sit in ``other``, never scaled by its density). A sparse layer's FLOPs are its dense FLOPs times its density, as in Evci et al.
 (2020), "Rigging the lottery", appendix H, and Blalock et al. (2020), "What is the state of
 neural network pruning?" (ShrinkBench); this ignores that zero-padding makes border outputs
 of a conv use fewer weights, which every FLOP table in that literature ignores too.
@@ -76,7 +78,9 @@ def layer_flops(
     Measured with :class:`torch.utils.flop_counter.FlopCounterMode` on a batch of one random
     sample in eval mode (BatchNorm uses running statistics; the model's mode is restored).
     ``params`` names the prunable weights (default :func:`prunelab.models.prunable_parameters`).
-    A prunable module called several times per forward has all its calls counted.
+    A prunable module called several times per forward has all its calls counted. Raises
+    ConfigError (a ValueError, one line naming the layer) when a prunable layer is credited
+    with no FLOPs while the model has some.
     """
     shape = _check_shape(input_shape)
     if params is None:
@@ -128,6 +132,7 @@ def layer_flops(
         name: float(sum(counts.get(_counter_key(model, module), {}).values()))
         for name, module in module_names.items()
     }
+    _check_attributed(layers, module_names, total)
     # Two prunable weights in one module would be counted twice: split its FLOPs instead.
     per_module: dict[str, list[str]] = {}
     for name, module in module_names.items():
@@ -140,6 +145,27 @@ def layer_flops(
                 layers[n] = share * k
     other = max(total - sum(layers.values()), 0.0)
     return LayerFlops(layers=layers, other=other, total=total, activations=activations)
+
+
+def _check_attributed(
+    layers: Mapping[str, float], module_names: Mapping[str, str], total: float
+) -> None:
+    """Raise ConfigError (a ValueError) when the counter gave a prunable layer no FLOPs while
+    the model has some: its weight is used outside its module's forward (a functional call
+    on ``module.weight``, a weight shared with another module), so its FLOPs would be
+    counted in ``other`` and never scaled by its density."""
+    if total <= 0:
+        return
+    missing = [name for name, flops in layers.items() if flops <= 0]
+    if missing:
+        name = missing[0]
+        raise ConfigError(
+            f"layer_flops: torch's FLOP counter attributes 0 of the model's {total:.0f} FLOPs "
+            f"to the prunable layer '{name}' (module '{module_names[name]}'"
+            f"{f', and {len(missing) - 1} more' if len(missing) > 1 else ''}); its weight is "
+            "used outside that module's forward (e.g. a functional call): call the module, "
+            "or leave the weight out of prunable_parameters()"
+        )
 
 
 def _check_shape(input_shape: Sequence[int]) -> tuple[int, ...]:

@@ -2,7 +2,12 @@
 
 Four variants of one network are compared on the device its weights live on:
 
-- **dense**: the architecture with dense (unmasked) weights: dense kernels;
+- **dense** (:func:`dense_copy`): the same architecture with dense weights: a copy of the
+  model in which every pruned (or zero) entry of a prunable weight is refilled with a normal
+  value scaled like the layer's surviving weights, run on dense kernels. This stands for the
+  dense network the pruned one is compared with; timing the pruned weights themselves
+  would leave zeros in place, and zeros (or denormal values) can make a kernel look faster
+  or slower than it is on trained dense weights;
 - **masked**: the same dense kernels on weights that are zero where pruned: what a pruned
   model costs when nothing exploits its zeros;
 - **sparse** (:func:`build_sparse_model`): every ``nn.Linear`` whose weight density is at
@@ -18,7 +23,10 @@ Timing: a warm-up, then ``repeats`` timed blocks of ``number`` calls each (``num
 so one block lasts at least ``min_block_s``); the reported latency is the median per-call time
 over the blocks, with the interquartile range, the method of
 :class:`torch.utils.benchmark.Timer.blocked_autorange`. CUDA is synchronised around each
-block. On a shared CPU expect noise: compare variants measured in the same process.
+block. On a shared CPU expect noise: compare variants measured in the same process. The
+report records the number of intra-op threads used (``latency_threads``); latency measured
+while other jobs of a parallel sweep share the machine is flagged by the caller
+(``latency_under_load`` in :func:`prunelab.cost.cost_report`).
 
 Memory of one forward, beyond the model and its input: on CUDA ``peak_cuda_alloc_mb`` =
 ``torch.cuda.max_memory_allocated`` during the call minus the allocation before it. On CPU
@@ -138,6 +146,51 @@ def _masked_copy(model: nn.Module, masks: Mapping[str, torch.Tensor] | None) -> 
         with torch.no_grad():
             for name, mask in masks.items():
                 params[name].mul_(mask.to(device=params[name].device, dtype=params[name].dtype))
+    return out
+
+
+def _refill_scale(weight: torch.Tensor, support: torch.Tensor) -> float:
+    """The RMS of a weight's surviving entries; ``1 / sqrt(fan_in)`` when none survive."""
+    if bool(support.any()):
+        rms = float(weight[support].float().pow(2).mean().sqrt())
+        if rms > 0:
+            return rms
+    fan_in = weight[0].numel() if weight.dim() > 1 else weight.numel()
+    return 1.0 / math.sqrt(max(fan_in, 1))
+
+
+def dense_copy(
+    model: nn.Module, masks: Mapping[str, torch.Tensor] | None = None, seed: int = 0
+) -> nn.Module:
+    """A deep copy of ``model`` in eval mode with dense weights, standing for the dense model
+    of the same architecture (the ``dense`` latency variant).
+
+    In every prunable weight (the layers named by ``masks``, or
+    :func:`prunelab.models.prunable_parameters` without masks), each entry that is pruned
+    (mask False) or zero is refilled with a normal value of standard deviation the RMS of the
+    layer's surviving entries (``1 / sqrt(fan_in)`` when none survive), drawn from a
+    generator seeded by ``seed``; surviving entries are kept. The copy computes a different
+    function from ``model``: it is for timing, not for accuracy.
+    """
+    from prunelab.models import prunable_parameters
+
+    out = copy.deepcopy(model).eval()
+    params = dict(out.named_parameters())
+    names = list(masks) if masks is not None else list(prunable_parameters(out))
+    unknown = [n for n in names if n not in params]
+    if unknown:
+        raise ConfigError(f"masks name parameters the model does not have: {unknown[:3]}")
+    generator = torch.Generator().manual_seed(int(seed))
+    with torch.no_grad():
+        for name in names:
+            weight = params[name]
+            support = weight != 0
+            if masks is not None:
+                support &= masks[name].to(device=weight.device, dtype=torch.bool)
+            noise = torch.randn(weight.shape, generator=generator, dtype=torch.float32)
+            noise = noise.to(device=weight.device, dtype=weight.dtype)
+            noise *= _refill_scale(weight, support)
+            weight.copy_(torch.where(support, weight, noise))
     return out
 
 
@@ -412,18 +465,21 @@ def latency_report(
 ) -> dict[str, float | None]:
     """Latency (ms) and peak memory of the dense, masked, sparse and (for Linear chains)
     compact variants, flat: ``latency_ms/<variant>/b<batch>`` and ``<memory field>/<variant>/
-    b<batch>``. The variants are timed in turn, in one process."""
-    with torch.no_grad():
-        dense = copy.deepcopy(model).eval()
+    b<batch>``, plus ``latency_threads`` (``torch.get_num_threads()`` during the timing).
+
+    ``dense`` times :func:`dense_copy` (the architecture with dense, non-zero weights), not
+    the pruned model; ``masked`` times the pruned weights, zeros in place, on the same dense
+    kernels. The variants are timed in turn, in one process.
+    """
     variants: dict[str, nn.Module] = {
-        "dense": dense,
+        "dense": dense_copy(model, masks),
         "masked": _masked_copy(model, masks),
         "sparse": build_sparse_model(model, masks),
     }
     compact = compact_linear_chain(model, masks)
     if compact is not None:
         variants["compact"] = compact
-    out: dict[str, float | None] = {}
+    out: dict[str, float | None] = {"latency_threads": torch.get_num_threads()}
     for variant, net in variants.items():
         res = measure_latency(net, input_shape, batch_sizes, repeats, min_block_s=min_block_s)
         for batch, stats in res.items():

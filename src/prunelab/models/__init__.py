@@ -6,6 +6,8 @@ a model that cannot handle it raises :class:`prunelab.errors.ConfigError` when b
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from torch import nn
 
 from prunelab.models.cnn1d import MNIST1DCNN
@@ -56,6 +58,30 @@ def prunable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     return result
 
 
+def unpruned_weights(
+    model: nn.Module, prunable: Mapping[str, nn.Parameter] | None = None
+) -> dict[str, int]:
+    """``{name: numel}`` of the weights with two or more dimensions that pruning leaves out.
+
+    ``prunable`` defaults to :func:`prunable_parameters`. Every parameter with ``ndim >= 2``
+    that is not prunable is listed (Conv3d, ConvTranspose, Embedding, the packed input
+    projection of ``nn.MultiheadAttention``, ...); biases and normalisation parameters
+    (one dimension) are not weights in this sense.
+    """
+    kept = prunable_parameters(model) if prunable is None else prunable
+    return {
+        name: p.numel() for name, p in model.named_parameters() if p.dim() >= 2 and name not in kept
+    }
+
+
+def unpruned_share(model: nn.Module, prunable: Mapping[str, nn.Parameter] | None = None) -> float:
+    """The fraction of all entries of weights with two or more dimensions that pruning leaves
+    out (see :func:`unpruned_weights`); 0.0 when the model has no such weight."""
+    total = sum(p.numel() for p in model.parameters() if p.dim() >= 2)
+    left_out = sum(unpruned_weights(model, prunable).values())
+    return left_out / total if total else 0.0
+
+
 __all__ = [
     "MODELS",
     "MLP",
@@ -73,4 +99,6 @@ __all__ = [
     "WRN22_2",
     "WideResNet",
     "prunable_parameters",
+    "unpruned_share",
+    "unpruned_weights",
 ]

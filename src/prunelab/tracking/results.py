@@ -2,7 +2,9 @@
 
 Tables and sweeps read these files. The record is written with status ``running`` when a
 run starts, and rewritten with ``completed`` or ``failed`` at the end, always through a
-temporary file and a rename so that a reader never sees half a file.
+temporary file and a rename so that a reader never sees half a file. It names the code that
+made it (:func:`code_version`): the git commit, whether the checkout had changes, and a
+digest of those changes.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import hashlib
 import json
 import os
 import platform
+import subprocess
 import tempfile
 import time
 from importlib import metadata
@@ -34,6 +37,8 @@ HASH_EXCLUDED_KEYS = (
     "n_jobs",
     "cost",
 )
+# git is asked with this timeout (seconds); a slow or missing git gives unknown provenance.
+GIT_TIMEOUT_S = 5.0
 TRACKED_PACKAGES = (
     "torch",
     "torchvision",
@@ -97,6 +102,100 @@ def package_versions() -> dict[str, str]:
     return versions
 
 
+def _git(args: list[str], cwd: str | Path) -> bytes | None:
+    """The stdout of ``git <args>`` run in ``cwd``, or None when git fails, is missing or slow."""
+    try:
+        proc = subprocess.run(
+            ["git", "--no-optional-locks", *args],
+            cwd=cwd,
+            capture_output=True,
+            timeout=GIT_TIMEOUT_S,
+            check=False,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return proc.stdout if proc.returncode == 0 else None
+
+
+def _is_run_output(path: str) -> bool:
+    return path.strip('"').startswith(f"{files.OUTPUTS_DIR}/")
+
+
+def _changes(top: Path) -> list[str] | None:
+    """``git status --porcelain`` lines of the checkout at ``top``, without untracked files
+    under the outputs folder (runs write there); None when git cannot tell."""
+    out = _git(["status", "--porcelain"], top)
+    if out is None:
+        return None
+    lines = out.decode(errors="replace").splitlines()
+    return [ln for ln in lines if not (ln.startswith("?? ") and _is_run_output(ln[3:]))]
+
+
+def _diff_sha(top: Path) -> str | None:
+    """A 12-hex-digit digest of the uncommitted changes: ``git diff HEAD`` plus the names and
+    contents of untracked files outside the outputs folder (those git does not ignore)."""
+    diff = _git(["diff", "HEAD", "--binary"], top)
+    untracked = _git(["ls-files", "--others", "--exclude-standard", "-z"], top)
+    if diff is None or untracked is None:
+        return None
+    digest = hashlib.sha256(diff)
+    for name in sorted(untracked.decode(errors="replace").split("\0")):
+        if not name or _is_run_output(name):
+            continue
+        digest.update(b"\0" + name.encode() + b"\0")
+        try:
+            digest.update((top / name).read_bytes())
+        except OSError:
+            continue
+    return digest.hexdigest()[:12]
+
+
+def code_version(where: str | Path | None = None) -> dict[str, Any]:
+    """The code that runs: ``{"commit", "dirty", "diff_sha"}`` of the git checkout holding
+    ``where`` (default: this package's folder).
+
+    ``commit`` is ``HEAD``; ``dirty`` is whether ``git status --porcelain`` lists changes
+    (untracked files under ``outputs/``, where runs write, do not count); ``diff_sha``
+    digests those changes when dirty (:func:`_diff_sha`), so that two dirty checkouts with
+    the same changes are known to run the same code. Outside a git checkout, or without git,
+    every value is None; this never raises.
+    """
+    unknown: dict[str, Any] = {"commit": None, "dirty": None, "diff_sha": None}
+    start = Path(where) if where is not None else Path(__file__).resolve().parent
+    top_out = _git(["rev-parse", "--show-toplevel"], start)
+    if top_out is None:
+        return unknown
+    top = Path(top_out.decode(errors="replace").strip())
+    head = _git(["rev-parse", "HEAD"], top)
+    if head is None:
+        return unknown
+    changes = _changes(top)
+    dirty = None if changes is None else bool(changes)
+    diff_sha = _diff_sha(top) if dirty else None
+    return {"commit": head.decode().strip(), "dirty": dirty, "diff_sha": diff_sha}
+
+
+def same_code(made_by: dict[str, Any] | None, current: dict[str, Any] | None) -> bool:
+    """Whether the code that made a record (``made_by``, its ``code``) is known to be the
+    code in ``current``: the same commit, and both clean, or both dirty with the same
+    changes (same ``diff_sha``). Unknown code (no commit, a record without ``code``) is
+    never the same."""
+    if not made_by or not current or not made_by.get("commit"):
+        return False
+    if made_by.get("dirty") not in (True, False):
+        return False
+    if made_by.get("dirty") and not made_by.get("diff_sha"):
+        return False
+    return all(made_by.get(k) == current.get(k) for k in ("commit", "dirty", "diff_sha"))
+
+
+def describe_code(code: dict[str, Any] | None) -> str:
+    """``'commit 1a2b3c4d5e6f'``, ``'commit 1a2b3c4d5e6f (dirty)'`` or ``'unknown code'``."""
+    if not code or not code.get("commit"):
+        return "unknown code"
+    return f"commit {code['commit'][:12]}{' (dirty)' if code.get('dirty') else ''}"
+
+
 def is_main_process() -> bool:
     """False in the extra processes of a multi-process (DDP) run, which must not write."""
     return all(int(os.environ.get(k, "0") or 0) == 0 for k in ("RANK", "LOCAL_RANK", "NODE_RANK"))
@@ -115,8 +214,14 @@ class RunRecord:
     """The results record of one run, kept in memory and flushed atomically to disk."""
 
     def __init__(
-        self, run_dir: str | Path, config: dict[str, Any], seed: int, config_hash: str | None = None
+        self,
+        run_dir: str | Path,
+        config: dict[str, Any],
+        seed: int,
+        config_hash: str | None = None,
+        code: dict[str, Any] | None = None,
     ) -> None:
+        """``code`` is the code version (:func:`code_version`, asked when not given)."""
         self.path = files.results_path(run_dir)
         self._start = time.time()
         self.data: dict[str, Any] = {
@@ -124,6 +229,7 @@ class RunRecord:
             "run_dir": str(Path(run_dir)),
             "config_hash": config_hash or _hash(config),
             "seed": seed,
+            "code": code if code is not None else code_version(),
             "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(self._start)),
             "config": config,
             "metrics": {},

@@ -41,8 +41,21 @@ def _cost_rows(cost: dict[str, Any]) -> list[tuple[str, str]]:
         )
     dense, sparse = cost.get("latency_ms/dense/b256"), cost.get("latency_ms/sparse/b256")
     if dense is not None and sparse is not None:
-        rows.append(("latency b256", f"{sparse:.3f} ms sparse vs {dense:.3f} ms dense"))
+        value = f"{sparse:.3f} ms sparse vs {dense:.3f} ms dense{_latency_note(cost)}"
+        rows.append(("latency b256", value))
     return rows
+
+
+def _latency_note(cost: dict[str, Any]) -> str:
+    """How the latency was measured: `` (2 threads, under load: parallel sweep)``, or ``''``
+    for records that do not say."""
+    parts = []
+    threads = cost.get("latency_threads")
+    if threads is not None:
+        parts.append(f"{threads} thread{'' if threads == 1 else 's'}")
+    if cost.get("latency_under_load"):
+        parts.append("under load: parallel sweep")
+    return f" ({', '.join(parts)})" if parts else ""
 
 
 def summary_rows(record: dict[str, Any]) -> list[tuple[str, str]]:
