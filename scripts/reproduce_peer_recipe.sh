@@ -4,6 +4,7 @@
 #
 #   bash scripts/reproduce_peer_recipe.sh            # everything, 2 jobs in parallel
 #   N_JOBS=1 SEEDS=0 bash scripts/reproduce_peer_recipe.sh
+#   SKIP_COMPLETED=any_code bash scripts/reproduce_peer_recipe.sh   # reuse runs of older code
 #
 # Three sweeps into outputs/multiruns/fmnist_peer_recipe*/ (re-running skips what completed):
 #   1. the six methods with their own distributions at 90/95/98%, 3 seeds (20 epochs);
@@ -17,7 +18,10 @@ N_JOBS=${N_JOBS:-2}
 SEEDS=${SEEDS:-0,1,2}
 export WANDB_MODE=${WANDB_MODE:-offline}
 ROOT=${ROOT:-outputs/multiruns}
-COMMON=(experiment=fmnist_peer_recipe launcher=joblib "n_jobs=$N_JOBS" "seed=$SEEDS" logger.wandb.enabled=false)
+# Re-running skips cells that completed with the same code (any_code: with any code).
+SKIP_COMPLETED=${SKIP_COMPLETED:-true}
+COMMON=(experiment=fmnist_peer_recipe launcher=joblib "n_jobs=$N_JOBS" "seed=$SEEDS"
+  logger.wandb.enabled=false "skip_completed=$SKIP_COMPLETED")
 
 "$PY" train.py "${COMMON[@]}" "hydra.sweep.dir=$ROOT/fmnist_peer_recipe/methods"
 "$PY" train.py "${COMMON[@]}" pruning=gmp distribution=global \

@@ -74,6 +74,9 @@ class Context:
     batches: Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]] | None = None
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
     model: nn.Module | None = None
+    # The optimizer at update steps (its state holds momentum, e.g. for sparse momentum);
+    # read it, never step it.
+    optimizer: torch.optim.Optimizer | None = None
 
     def generator(self, layer: int, stream: str = "") -> torch.Generator:
         return layer_generator(self.seed, self.step, layer, stream)
@@ -197,7 +200,7 @@ class SparsityEngine:
                 )
             else:
                 old = self.masks
-                ctx = Context(self.seed, step, grads=grads, model=self.model)
+                ctx = Context(self.seed, step, grads=grads, model=self.model, optimizer=optimizer)
                 new_masks = self.method.update(step, self.params, old, ctx)
                 grown = self._apply_update(step, new_masks, optimizer)
                 self._after_update(grown, grads, optimizer)
