@@ -19,6 +19,7 @@ from torch import nn
 from torchmetrics import MaxMetric, MeanMetric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
+from prunelab.methods.base import PruningMethod
 from prunelab.sparsity.engine import SparsityEngine
 
 
@@ -112,6 +113,12 @@ class ClassificationModule(pl.LightningModule):
         self._scheduler_interval = scheduler_interval
         self._log_every = max(1, int(log_every_n_steps))
         self._weight_decay_norm_bias = bool(weight_decay_norm_bias)
+        # Only methods that define a loss term pay for a call per step.
+        method = getattr(engine, "method", None)
+        self._has_penalty = (
+            method is not None
+            and getattr(type(method), "penalty", None) is not PruningMethod.penalty
+        )
         metrics = _accuracy_metrics(num_classes)
         self.val_metrics = metrics.clone(prefix="val/")
         self.test_metrics = metrics.clone(prefix="test/")
@@ -201,6 +208,10 @@ class ClassificationModule(pl.LightningModule):
         window_loss = self._train_stats.add(loss, logits, y)
         if window_loss is not None:
             self.log("train/loss_step", window_loss, on_step=True, on_epoch=False)
+        if self._has_penalty:  # penalty-based pruning (L1): the data loss is logged above
+            penalty = self.engine.penalty(self.global_step)
+            if penalty is not None:
+                return loss + penalty
         return loss
 
     def on_train_epoch_end(self) -> None:

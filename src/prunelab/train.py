@@ -306,6 +306,17 @@ def _cost(cfg: DictConfig, built: dict[str, Any], trainer: Any) -> dict[str, Any
     return {k: v for k, v in report.items() if v is not None}
 
 
+def _target(method: Any, sparsity: float) -> dict[str, Any]:
+    """The record's target: the sparsity asked for, or, with a magnitude threshold, none
+    (the threshold decides it) and the threshold itself."""
+    if method.is_dense:
+        return {"target": 0.0}
+    threshold = getattr(method, "threshold", None)
+    if threshold is not None:
+        return {"target": None, "threshold": {"value": threshold, "mode": method.threshold_mode}}
+    return {"target": sparsity}
+
+
 def _scalar_metrics(metrics: dict[str, Any]) -> dict[str, float]:
     out = {}
     for key, value in metrics.items():
@@ -412,7 +423,7 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> dict[str, Any]:
         record.complete(
             metrics=metrics,
             sparsity={
-                "target": 0.0 if built["engine"].method.is_dense else float(cfg.sparsity),
+                **_target(built["engine"].method, float(cfg.sparsity)),
                 **built["engine"].sparsity_report(),
                 **unpruned,
             },

@@ -27,6 +27,8 @@ SCHEDULE = {
     "set": ("schedule.update_every=4",),
     "rigl": ("schedule.update_every=4",),
     "dynamic": ("schedule.update_every=4",),
+    "snfs": ("schedule.update_every=4",),
+    "l1": (),
 }
 
 

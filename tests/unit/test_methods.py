@@ -152,7 +152,15 @@ GOOD_SCHEDULES = {
     "gmp": {"kind": "polynomial", "begin": 0.0, "end": 0.75, "frequency": 100, "power": 3},
     "set": {"kind": "prune_grow", "update_every": 100, "drop_fraction": 0.3, "anneal": "cosine"},
     "rigl": {"kind": "prune_grow", "update_every": 100, "drop_fraction": 0.3, "anneal": "cosine"},
+    "snfs": {"kind": "prune_grow", "update_every": 100, "drop_fraction": 0.3, "anneal": "cosine"},
+    "grasp": {"kind": "fixed"},
+    "synflow": {"kind": "fixed"},
+    "l1": {"kind": "one_shot", "at": 0.5, "at_epoch": None},
 }
+
+
+def test_every_registered_method_has_a_schedule_here():
+    assert set(METHODS) - {"dynamic"} == set(GOOD_SCHEDULES)
 
 
 @pytest.mark.parametrize("name", sorted(GOOD_SCHEDULES))

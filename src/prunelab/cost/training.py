@@ -39,8 +39,11 @@ ACCOUNTINGS = ("dense", "fixed", "set", "gradual", "one_shot", "rigl", "snfs")
 METHOD_ACCOUNTING: dict[str, str] = {
     "dense": "dense",
     "static": "one_shot",
+    "l1": "one_shot",  # dense (penalised) until the cut, then the fixed mask
     "random": "fixed",
     "snip": "fixed",
+    "grasp": "fixed",
+    "synflow": "fixed",
     "gmp": "gradual",
     "set": "set",
     "rigl": "rigl",

@@ -8,20 +8,28 @@ from prunelab.errors import ConfigError
 from prunelab.methods.base import MagnitudePruning, PruneAndGrow, PruningMethod
 from prunelab.methods.dense import Dense
 from prunelab.methods.gmp import GradualMagnitude
+from prunelab.methods.grasp import GraSP
+from prunelab.methods.l1 import L1Penalty
 from prunelab.methods.random import RandomStatic
 from prunelab.methods.rigl import RigL
 from prunelab.methods.set import SET
+from prunelab.methods.snfs import SNFS
 from prunelab.methods.snip import SNIP
 from prunelab.methods.static import StaticMagnitude
+from prunelab.methods.synflow import SynFlow
 
 METHODS: dict[str, type[PruningMethod]] = {
     "dense": Dense,
     "static": StaticMagnitude,
     "random": RandomStatic,
     "snip": SNIP,
+    "grasp": GraSP,
+    "synflow": SynFlow,
     "gmp": GradualMagnitude,
+    "l1": L1Penalty,
     "set": SET,
     "rigl": RigL,
+    "snfs": SNFS,
 }
 
 
@@ -44,14 +52,18 @@ def build_method(
 __all__ = [
     "METHODS",
     "SET",
+    "SNFS",
     "SNIP",
     "Dense",
+    "GraSP",
     "GradualMagnitude",
+    "L1Penalty",
     "MagnitudePruning",
     "PruneAndGrow",
     "PruningMethod",
     "RandomStatic",
     "RigL",
     "StaticMagnitude",
+    "SynFlow",
     "build_method",
 ]

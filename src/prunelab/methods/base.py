@@ -113,6 +113,13 @@ class PruningMethod:
     # Methods that read the dense gradients at update steps (RigL's grow scores): the engine
     # skips an update whose gradients are not finite (an AMP overflow step).
     needs_dense_grads = False
+    # False: the engine leaves the gradients of inactive weights in place, so the optimizer's
+    # momentum tracks every weight (sparse momentum); the weights are still re-zeroed after
+    # every step.
+    mask_gradients = True
+    # Optimizer state zeroed at an update: at the weights that "changed", or at every weight
+    # "inactive" after it (sparse momentum).
+    reset_state = "changed"
 
     def __init__(
         self,
@@ -131,6 +138,15 @@ class PruningMethod:
         self.dense_last = bool(dist.get("dense_last", False))
         self.power_scale = float(dist.get("power_scale", 1.0))
         self.budget = str(dist.get("budget", "all"))
+        # N:M semi-structured masks (None = off); only the magnitude methods build them.
+        from prunelab.sparsity.patterns import parse_n_m
+
+        self.n_m = parse_n_m(dist.get("n_m"))
+        if self.n_m is not None and not self.is_dense and not getattr(self, "supports_n_m", False):
+            raise ConfigError(
+                f"distribution.n_m is supported by the magnitude methods (static, gmp), not "
+                f"pruning={self.name}; remove distribution.n_m or choose pruning=static"
+            )
         if self.budget not in BUDGETS:
             raise ConfigError(
                 f"distribution.budget must be one of {', '.join(BUDGETS)}, got "
@@ -232,9 +248,29 @@ class PruningMethod:
         """New masks at an update step. Default: unchanged."""
         return masks
 
+    def penalty(self, params: Params, step: int) -> torch.Tensor | None:
+        """A term added to the training loss at optimizer step ``step`` (L1, L0, ...), or
+        None. Default: none."""
+        return None
+
     def prune_scores(self, params: Params, ctx: Context) -> Params:
         """Importance of each weight, higher = keep. Default: magnitude |w|."""
         return {n: p.detach().abs() for n, p in params.items()}
+
+    def at_target(self, masks: Masks) -> bool:
+        """Whether ``masks`` hold this method's final sparsity (within one weight per
+        layer): only such epochs compete for the best checkpoint."""
+        dense = self.dense
+        names = [n for n in masks if n not in dense] if self.budget == "pruned" else list(masks)
+        total = sum(masks[n].numel() for n in names)
+        if not total:
+            return True
+        reached = 1.0 - sum(int(masks[n].sum()) for n in names) / total
+        return reached >= self.sparsity_target() - len(masks) / total - 1e-9
+
+    def sparsity_target(self) -> float:
+        """The final sparsity over the layers ``budget`` counts."""
+        return self.sparsity if self.budget == "pruned" else self.budget_sparsity(self.sparsity)
 
     def tie_generator(self, ctx: Context, layer: int, purpose: str) -> torch.Generator:
         """The generator that breaks exact score ties in ``layer`` at this step."""
@@ -255,6 +291,78 @@ class MagnitudePruning(PruningMethod):
     """Prune to the scheduled sparsity by ``prune_scores``; pruned weights stay pruned."""
 
     schedule_kinds = ("one_shot", "polynomial")
+    supports_n_m = True
+    # |sparsity - (1 - N/M)| allowed with distribution.n_m, so that 0.667 works for 1:3.
+    N_M_SPARSITY_TOLERANCE = 1e-3
+
+    def __init__(
+        self,
+        sparsity: float,
+        distribution: dict[str, Any] | None = None,
+        schedule: dict[str, Any] | None = None,
+        threshold: float | None = None,
+        threshold_mode: str = "absolute",
+        **options: Any,
+    ) -> None:
+        """Magnitude pruning to ``sparsity``, with two alternatives to the per-layer count.
+
+        ``distribution.n_m="N:M"``: every pruning step keeps, in each group of M consecutive
+        weights along the input dimension (:mod:`prunelab.sparsity.patterns`), the
+        ``M - floor(s_t * M)`` largest magnitudes among the active ones, ``s_t`` the
+        schedule's sparsity at that step. One-shot pruning keeps N of every M at once; GMP's
+        ramp is the cubic curve rounded down to multiples of 1/M, ending exactly N:M at
+        ``schedule.end``. ``sparsity`` must be ``1 - N/M`` (within 1e-3); the distribution's
+        name and power_scale are ignored (every pruned layer is at 1 - N/M), kept-dense layers
+        need ``distribution.budget=pruned``, and a pruned layer whose input dimension is not a
+        multiple of M is an error when training starts.
+
+        ``threshold``: one-shot magnitude pruning only (``static``): at the pruning step every
+        layer not kept dense loses its weights with ``|w| < θ``, ``θ = threshold``
+        (``threshold_mode=absolute``) or ``threshold`` times the layer's weight standard
+        deviation (``std``, Han et al. 2015). ``sparsity`` and the distribution's name are
+        then ignored; the sparsity reached is whatever the threshold gives.
+        """
+        super().__init__(sparsity, distribution, schedule, **options)
+        from prunelab.sparsity.patterns import check_threshold
+
+        self.threshold, self.threshold_mode = check_threshold(threshold, threshold_mode)
+        kind = self.schedule_cfg.get("kind")
+        if self.threshold is not None and kind != "one_shot":
+            raise ConfigError(
+                f"pruning.threshold works with one-shot pruning (pruning=static), not "
+                f"pruning={self.name} with a '{kind}' schedule; set pruning.threshold=null"
+            )
+        if self.threshold is not None and self.n_m is not None:
+            raise ConfigError(
+                "pruning.threshold and distribution.n_m exclude each other (a threshold "
+                "decides the count, N:M fixes it); set one of them to null"
+            )
+        if self.n_m is not None:
+            n, m = self.n_m
+            implied = 1.0 - n / m
+            if abs(self.sparsity - implied) > self.N_M_SPARSITY_TOLERANCE:
+                raise ConfigError(
+                    f"distribution.n_m={n}:{m} prunes {implied:.4g} of every layer but "
+                    f"sparsity={sparsity}; set sparsity={implied:.4g}"
+                )
+            self.sparsity = implied
+            if (self.dense_first or self.dense_last) and self.budget == "all":
+                raise ConfigError(
+                    f"distribution.n_m={n}:{m} with dense_first/dense_last needs "
+                    "distribution.budget=pruned (the N:M layers are at exactly "
+                    f"{implied:.4g}); add distribution.budget=pruned"
+                )
+
+    def setup(
+        self, shapes: dict[str, tuple[int, ...]], total_steps: int, steps_per_epoch: int
+    ) -> None:
+        super().setup(shapes, total_steps, steps_per_epoch)
+        if self.n_m is not None:
+            from prunelab.sparsity.patterns import check_n_m_shape
+
+            for name, shape in self.shapes.items():
+                if name not in self.dense:
+                    check_n_m_shape(name, shape, self.n_m[1])
 
     def build_schedule(self) -> None:
         cfg = self.schedule_cfg
@@ -272,6 +380,10 @@ class MagnitudePruning(PruningMethod):
             )
 
     def update(self, step: int, params: Params, masks: Masks, ctx: Context) -> Masks:
+        if self.threshold is not None:
+            return self.threshold_update(params, masks)
+        if self.n_m is not None:
+            return self.n_m_update(step, params, masks, ctx)
         target = self.schedule.sparsity_at(step, self.sparsity)
         scores = self.prune_scores(params, ctx)
         # Pruned weights are never revived: rank them below every active one.
@@ -285,6 +397,46 @@ class MagnitudePruning(PruningMethod):
                     self.tie_generator(ctx, i, "prune"),
                 )
                 for i, n in enumerate(params)
+            }
+        )
+
+    def n_m_update(self, step: int, params: Params, masks: Masks, ctx: Context) -> Masks:
+        """Keep the ``M - floor(s_t * M)`` (never fewer than N) highest ``prune_scores`` of
+        the active weights in every group of M; kept-dense layers are unchanged."""
+        from prunelab.sparsity.patterns import n_m_mask
+
+        n, m = self.n_m
+        target = self.schedule.sparsity_at(step, self.sparsity)
+        keep = max(n, m - math.floor(target * m + 1e-9))
+        scores = self.prune_scores(params, ctx)
+        return Masks(
+            {
+                name: masks[name]
+                if name in self.dense
+                else n_m_mask(
+                    scores[name], keep, m, masks[name], self.tie_generator(ctx, i, "prune")
+                )
+                for i, name in enumerate(params)
+            }
+        )
+
+    def at_target(self, masks: Masks) -> bool:
+        # A threshold's sparsity is known only after its one pruning step: the masks are
+        # final as soon as they prune anything.
+        if self.threshold is not None:
+            return masks.sparsity() > 0.0
+        return super().at_target(masks)
+
+    def threshold_update(self, params: Params, masks: Masks) -> Masks:
+        """Prune the active weights with ``|w| < θ`` in every layer not kept dense."""
+        from prunelab.sparsity.patterns import threshold_mask
+
+        return Masks(
+            {
+                name: masks[name]
+                if name in self.dense
+                else threshold_mask(p, self.threshold, self.threshold_mode, masks[name])
+                for name, p in params.items()
             }
         )
 

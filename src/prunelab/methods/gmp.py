@@ -10,6 +10,11 @@ class GradualMagnitude(MagnitudePruning):
     Sparsity rises from 0 to the target along s_t = s_f (1 - (1 - (t - t0)/(n Δt))^3)
     (``schedule=cubic``; ``linear`` for power 1), pruning the smallest magnitudes every
     ``frequency`` steps between ``begin`` and ``end``.
+
+    With ``distribution.n_m=N:M`` (and ``sparsity=1-N/M``) each update keeps, in every group of
+    M consecutive weights along the input dimension, the ``M - floor(s_t M)`` largest active
+    magnitudes: the ramp rounded down to multiples of 1/M, exactly N:M from ``end`` on.
+    ``pruning.threshold`` is for one-shot pruning only (``pruning=static``); here it is an error.
     """
 
     name = "gmp"

@@ -10,6 +10,12 @@ class StaticMagnitude(MagnitudePruning):
     or ``schedule.at_epoch``), then the smallest-magnitude weights are removed at once —
     over all layers with one threshold (``distribution=global``) or per layer by another
     distribution — and the rest of training fine-tunes the surviving weights.
+
+    ``distribution.n_m=N:M`` (with ``sparsity=1-N/M``) prunes every group of M consecutive
+    weights along the input dimension to its N largest magnitudes instead;
+    ``pruning.threshold`` prunes ``|w| < θ`` instead, ``θ`` absolute or times each layer's
+    weight std (``pruning.threshold_mode``), and ``sparsity`` is then ignored (see
+    :class:`~prunelab.methods.base.MagnitudePruning`).
     """
 
     name = "static"

@@ -175,6 +175,12 @@ class SparsityEngine:
             self.adam_resets = {n: r.to(device) for n, r in self.adam_resets.items()}
 
     # -- per step ---------------------------------------------------------------------------
+    def penalty(self, step: int) -> torch.Tensor | None:
+        """The method's loss term at ``step`` (penalty-based methods), or None."""
+        if not self.active:
+            return None
+        return self.method.penalty(self.params, step)
+
     def before_optimizer_step(
         self, step: int, optimizer: torch.optim.Optimizer | None = None
     ) -> bool:
@@ -205,7 +211,8 @@ class SparsityEngine:
                 grown = self._apply_update(step, new_masks, optimizer)
                 self._after_update(grown, grads, optimizer)
                 changed = True
-        self.masks.apply_(grads)
+        if getattr(self.method, "mask_gradients", True):
+            self.masks.apply_(grads)
         return changed
 
     @torch.no_grad()
@@ -291,12 +298,17 @@ class SparsityEngine:
         old = self.masks
         changed_total = 0
         grown: dict[str, torch.Tensor] = {}
+        # Which optimizer state to zero: at every weight that changed (default), or at every
+        # weight inactive after the update (sparse momentum: grown weights keep the momentum
+        # they gathered while inactive, and the inactive ones start gathering afresh).
+        reset_inactive = getattr(self.method, "reset_state", "changed") == "inactive"
         for name, param in self.params.items():
             new = new_masks[name]
             flipped = new ^ old[name]
             changed_total += int(flipped.sum())
-            if optimizer is not None and bool(flipped.any()):
-                _zero_optimizer_state(optimizer, param, flipped)
+            reset = ~new if reset_inactive else flipped
+            if optimizer is not None and bool(reset.any()):
+                _zero_optimizer_state(optimizer, param, reset)
             param.mul_(new)  # dropped weights become zero; grown ones are zero already
             grown[name] = new & ~old[name]
             self.ever_active[name] |= new
@@ -360,24 +372,12 @@ class SparsityEngine:
         return 1.0 - sum(int(masks[n].sum()) for n in names) / total if total else 0.0
 
     def at_target(self) -> bool:
-        """True once the masks hold the method's final sparsity (within one weight per layer):
-        the dense baseline always; a static or gradual method only after its last pruning
-        step. Best-checkpoint selection counts only epochs at target."""
+        """True once the masks hold the method's final sparsity: the dense baseline always; a
+        static or gradual method only after its last pruning step (the method decides, see
+        ``PruningMethod.at_target``). Best-checkpoint selection counts only epochs at target."""
         if not self.active:
             return True
-        if self.masks is None:
-            return False
-        method = self.method
-        target = (
-            method.sparsity
-            if method.budget == "pruned"
-            else method.budget_sparsity(method.sparsity)
-        )
-        reached = (
-            self.pruned_layers_sparsity() if method.budget == "pruned" else (self.masks.sparsity())
-        )
-        slack = len(self.masks) / max(1, self.masks.numel())
-        return reached >= target - slack - 1e-9
+        return self.masks is not None and self.method.at_target(self.masks)
 
     # -- persistence ------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

@@ -8,6 +8,15 @@ from rich.console import Console
 from rich.table import Table
 
 
+def _target_text(method: str, config: dict, sparsity: dict) -> str:
+    if method == "dense":
+        return "-"
+    threshold = sparsity.get("threshold")
+    if threshold:
+        return f"none (threshold {threshold['value']:g}, {threshold['mode']})"
+    return f"{config.get('sparsity')}"
+
+
 def _fmt_pct(value: Any) -> str:
     return "-" if value is None else f"{100 * float(value):.2f}%"
 
@@ -70,7 +79,7 @@ def summary_rows(record: dict[str, Any]) -> list[tuple[str, str]]:
         ("dataset", str(choices.get("dataset", "?"))),
         ("model", str(choices.get("model", "?"))),
         ("method", str(method)),
-        ("target sparsity", "-" if method == "dense" else f"{config.get('sparsity')}"),
+        ("target sparsity", _target_text(method, config, sparsity)),
         ("final sparsity", f"{sparsity.get('global', 0.0):.4f}"),
         ("test accuracy", _fmt_pct(metrics.get("test/acc"))),
         ("best val accuracy", _fmt_pct(metrics.get("val/acc_best"))),
