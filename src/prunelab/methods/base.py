@@ -272,6 +272,18 @@ class PruningMethod:
         """The final sparsity over the layers ``budget`` counts."""
         return self.sparsity if self.budget == "pruned" else self.budget_sparsity(self.sparsity)
 
+    def masks_from_scores(self, scores: Params, ctx: Context) -> Masks:
+        """Keep the highest ``scores`` at the target sparsity: per-layer counts from the
+        distribution (``global``: one threshold over all layers), exact ties broken at
+        random (pruning at initialisation: SNIP, GraSP)."""
+        counts = self.keep_counts(self.sparsity, scores=scores, generator=ctx.generator(-1, "ties"))
+        return Masks(
+            {
+                n: topk_mask(scores[n], counts[n], self.tie_generator(ctx, i, "init"))
+                for i, n in enumerate(scores)
+            }
+        )
+
     def tie_generator(self, ctx: Context, layer: int, purpose: str) -> torch.Generator:
         """The generator that breaks exact score ties in ``layer`` at this step."""
         return ctx.generator(layer, stream=f"ties-{purpose}")

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from prunelab.errors import ConfigError
-from prunelab.methods.base import Params, PruningMethod, topk_mask
+from prunelab.methods.base import Params, PruningMethod
 from prunelab.methods.snip import _all_reduce_sum
 from prunelab.sparsity.engine import Context
 from prunelab.sparsity.masks import Masks
@@ -146,14 +146,7 @@ class GraSP(PruningMethod):
         return {n: (p.detach() * hg[n]).detach() for n, p in params.items()}
 
     def init_masks(self, params: Params, ctx: Context) -> Masks:
-        scores = self.scores(params, ctx)
-        counts = self.keep_counts(self.sparsity, scores=scores, generator=ctx.generator(-1, "ties"))
-        return Masks(
-            {
-                n: topk_mask(scores[n], counts[n], self.tie_generator(ctx, i, "init"))
-                for i, n in enumerate(params)
-            }
-        )
+        return self.masks_from_scores(self.scores(params, ctx), ctx)
 
     def describe(self) -> dict[str, Any]:
         return {"batches": self.batches, "temperature": self.temperature}
