@@ -260,10 +260,12 @@ def _unpruned(built: dict[str, Any]) -> dict[str, Any]:
 
 
 def _check_cost_meter(cfg: DictConfig, built: dict[str, Any]) -> None:
-    """Count the model's FLOPs once before training, so that a model the cost meter cannot
-    measure (a prunable layer credited with no FLOPs, see :func:`prunelab.cost.layer_flops`)
-    fails now with a ConfigError rather than after training. Torch's CPU random state is
-    restored afterwards, so training draws the same numbers as without the check."""
+    """Count the model's dense per-layer FLOPs once, before training, so that a model the
+    cost meter cannot measure (a prunable layer credited with no FLOPs, see
+    :func:`prunelab.cost.layer_flops`) fails now with a ConfigError rather than after
+    training; the end-of-run cost report reuses the count (``built["dense_flops"]``). Torch's
+    CPU random state is restored afterwards, so training draws the same numbers as without
+    the check."""
     import torch
 
     from prunelab.cost import layer_flops
@@ -272,7 +274,7 @@ def _check_cost_meter(cfg: DictConfig, built: dict[str, Any]) -> None:
         return
     shape = tuple(built["datamodule"].input_shape)
     with torch.random.fork_rng(devices=[]):
-        layer_flops(built["model"], shape, params=built["prunable"])
+        built["dense_flops"] = layer_flops(built["model"], shape, params=built["prunable"])
 
 
 def _cost(cfg: DictConfig, built: dict[str, Any], trainer: Any) -> dict[str, Any]:
@@ -302,6 +304,7 @@ def _cost(cfg: DictConfig, built: dict[str, Any], trainer: Any) -> dict[str, Any
         latency_batch_sizes=tuple(settings.get("latency_batch_sizes", (1, 256))),
         latency_repeats=int(settings.get("latency_repeats", 15)),
         latency_under_load=_latency_under_load(),
+        dense_flops=built.get("dense_flops"),
     )
     return {k: v for k, v in report.items() if v is not None}
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from torch import nn
+from test_methods import mlp, weights
 
 from prunelab.cost.flops import LayerFlops
 from prunelab.cost.training import segments_from_history, training_flops
@@ -49,20 +49,6 @@ def dist(name: str = "uniform", **extra) -> dict:
         "n_m": None,
         **extra,
     }
-
-
-def mlp(widths: list[int], seed: int = 0) -> nn.Sequential:
-    torch.manual_seed(seed)
-    layers: list[nn.Module] = []
-    for i, (a, b) in enumerate(zip(widths[:-1], widths[1:], strict=True)):
-        layers.append(nn.Linear(a, b))
-        if i < len(widths) - 2:
-            layers.append(nn.ReLU())
-    return nn.Sequential(*layers)
-
-
-def weights(model: nn.Module) -> dict[str, nn.Parameter]:
-    return {n: p for n, p in model.named_parameters() if n.endswith("weight")}
 
 
 def engine_for(model, method, total_steps, seed=0) -> SparsityEngine:

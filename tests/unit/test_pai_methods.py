@@ -11,6 +11,7 @@ import time
 import pytest
 import torch
 import torch.nn.functional as F
+from test_methods import dist, global_topk
 from torch import nn
 
 from prunelab.errors import ConfigError
@@ -54,10 +55,6 @@ def weights(model: nn.Module) -> dict[str, nn.Parameter]:
     return {n: p for n, p in model.named_parameters() if n.endswith("weight") and p.ndim > 1}
 
 
-def dist(name: str) -> dict:
-    return {"name": name, "dense_first": False, "dense_last": False, "power_scale": 1.0}
-
-
 def initialized(model, method, data=None, seed=0) -> SparsityEngine:
     engine = SparsityEngine(model, weights(model), method, seed=seed)
     engine.setup(10, 5)
@@ -66,15 +63,6 @@ def initialized(model, method, data=None, seed=0) -> SparsityEngine:
     else:
         engine.initialize(batches=lambda: iter(data), loss_fn=F.cross_entropy)
     return engine
-
-
-def global_topk(scores: dict[str, torch.Tensor], k: int) -> dict[str, torch.Tensor]:
-    """True at the k largest entries over all layers (scores assumed free of ties)."""
-    flat = torch.cat([s.flatten() for s in scores.values()])
-    threshold = flat.sort(descending=True).values[k - 1]
-    out = {n: s >= threshold for n, s in scores.items()}
-    assert sum(int(m.sum()) for m in out.values()) == k, "ties in the test scores"
-    return out
 
 
 def kept_target(sparsity: float, params: dict[str, torch.Tensor]) -> int:

@@ -62,6 +62,7 @@ def cost_report(
     latency_batch_sizes: Sequence[int] = (1, 256),
     latency_repeats: int = 15,
     latency_under_load: bool = False,
+    dense_flops: LayerFlops | None = None,
 ) -> dict[str, float | None]:
     """Every cost of ``model`` pruned by ``masks`` (``None``: its zeros), as a flat dict.
 
@@ -98,6 +99,10 @@ def cost_report(
       ``latency_under_load``: the caller's ``latency_under_load``, true when other jobs (a
       parallel sweep) may have shared the machine while it was timed, so the numbers are
       not those of an idle machine.
+
+    ``dense_flops``: the model's dense per-layer FLOPs from an earlier :func:`layer_flops`
+    call on the same model and prunable parameters (they do not depend on the masks), so
+    the counter need not run twice.
     """
     params_all = dict(model.named_parameters())
     if masks is not None:
@@ -107,7 +112,7 @@ def cost_report(
         params = {n: params_all[n] for n in masks}
     else:
         params = prunable_parameters(model)
-    lf = layer_flops(model, input_shape, params=params)
+    lf = dense_flops if dense_flops is not None else layer_flops(model, input_shape, params=params)
     densities = densities_of(params, masks)
     report: dict[str, Any] = dict(inference_report(lf, densities))
     numel = sum(p.numel() for p in params.values())

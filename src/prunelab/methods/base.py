@@ -94,6 +94,22 @@ def top_among(
     return mask.view_as(scores)
 
 
+def positive_int(key: str, value: Any, example: int) -> int:
+    """``value`` as an int >= 1, or a one-line ConfigError naming ``pruning.<key>``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        number = None
+    else:
+        try:
+            number = float(value)
+        except ValueError:
+            number = None
+    if number is None or not number.is_integer() or number < 1:
+        raise ConfigError(
+            f"pruning.{key} must be an integer >= 1, got {value!r}; e.g. pruning.{key}={example}"
+        )
+    return int(number)
+
+
 def random_mask(shape: torch.Size, k: int, generator: torch.Generator) -> torch.Tensor:
     """Bool mask (CPU) with exactly ``k`` True entries at random positions."""
     numel = int(torch.Size(shape).numel())
@@ -260,13 +276,13 @@ class PruningMethod:
     def at_target(self, masks: Masks) -> bool:
         """Whether ``masks`` hold this method's final sparsity (within one weight per
         layer): only such epochs compete for the best checkpoint."""
-        dense = self.dense
-        names = [n for n in masks if n not in dense] if self.budget == "pruned" else list(masks)
+        names = (
+            [n for n in masks if n not in self.dense] if self.budget == "pruned" else list(masks)
+        )
         total = sum(masks[n].numel() for n in names)
         if not total:
             return True
-        reached = 1.0 - sum(int(masks[n].sum()) for n in names) / total
-        return reached >= self.sparsity_target() - len(masks) / total - 1e-9
+        return masks.sparsity(names) >= self.sparsity_target() - len(masks) / total - 1e-9
 
     def sparsity_target(self) -> float:
         """The final sparsity over the layers ``budget`` counts."""

@@ -8,26 +8,10 @@ from typing import Any
 import torch
 
 from prunelab.errors import ConfigError
-from prunelab.methods.base import Params, PruningMethod
+from prunelab.methods.base import Params, PruningMethod, positive_int
 from prunelab.methods.snip import _all_reduce_sum
 from prunelab.sparsity.engine import Context
 from prunelab.sparsity.masks import Masks
-
-
-def positive_int(key: str, value: Any, example: int) -> int:
-    """``value`` as an int >= 1, or a one-line ConfigError naming ``pruning.<key>``."""
-    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-        number = None
-    else:
-        try:
-            number = float(value)
-        except ValueError:
-            number = None
-    if number is None or not number.is_integer() or number < 1:
-        raise ConfigError(
-            f"pruning.{key} must be an integer >= 1, got {value!r}; e.g. pruning.{key}={example}"
-        )
-    return int(number)
 
 
 class GraSP(PruningMethod):

@@ -6,8 +6,7 @@ from typing import Any
 
 import torch
 
-from prunelab.errors import ConfigError
-from prunelab.methods.base import Params, PruningMethod
+from prunelab.methods.base import Params, PruningMethod, positive_int
 from prunelab.sparsity.engine import Context
 from prunelab.sparsity.masks import Masks
 
@@ -38,9 +37,7 @@ class SNIP(PruningMethod):
         **options: Any,
     ) -> None:
         super().__init__(sparsity, distribution, schedule, **options)
-        if int(batches) < 1:
-            raise ConfigError(f"pruning.batches must be >= 1, got {batches}; e.g. 1")
-        self.batches = int(batches)
+        self.batches = positive_int("batches", batches, example=1)
 
     def saliency(self, params: Params, ctx: Context) -> Params:
         """|g ⊙ w|, with g the loss gradient summed over the first ``batches`` batches (and

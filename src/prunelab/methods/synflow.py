@@ -9,8 +9,7 @@ import torch
 from torch.func import functional_call
 
 from prunelab.errors import ConfigError
-from prunelab.methods.base import Params, PruningMethod, topk_mask
-from prunelab.methods.grasp import positive_int
+from prunelab.methods.base import Params, PruningMethod, positive_int, topk_mask
 from prunelab.sparsity.engine import Context
 from prunelab.sparsity.masks import Masks
 

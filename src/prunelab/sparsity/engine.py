@@ -367,9 +367,7 @@ class SparsityEngine:
         """Sparsity over the layers that are not kept dense (what ``budget=pruned`` targets)."""
         masks = self.masks if self.masks is not None else Masks.dense_like(self.params)
         dense = set(getattr(self.method, "dense", ()))
-        names = [n for n in masks if n not in dense]
-        total = sum(masks[n].numel() for n in names)
-        return 1.0 - sum(int(masks[n].sum()) for n in names) / total if total else 0.0
+        return masks.sparsity(n for n in masks if n not in dense)
 
     def at_target(self) -> bool:
         """True once the masks hold the method's final sparsity: the dense baseline always; a

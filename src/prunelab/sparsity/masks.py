@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 
 import torch
 
@@ -65,9 +65,13 @@ class Masks(Mapping[str, torch.Tensor]):
         total = self.numel()
         return sum(self.nnz().values()) / total if total else 1.0
 
-    def sparsity(self) -> float:
-        """Fraction of entries pruned over all layers."""
-        return 1.0 - self.density()
+    def sparsity(self, names: Iterable[str] | None = None) -> float:
+        """Fraction of entries pruned over all layers, or over the layers ``names``."""
+        if names is None:
+            return 1.0 - self.density()
+        names = list(names)
+        total = sum(self._masks[n].numel() for n in names)
+        return 1.0 - sum(int(self._masks[n].sum()) for n in names) / total if total else 0.0
 
     def layer_sparsity(self) -> dict[str, float]:
         """Fraction of entries pruned, per layer."""
