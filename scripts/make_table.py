@@ -22,7 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from prunelab.report import published as published_refs  # noqa: E402
-from prunelab.report.records import find_records, load_wandb_runs  # noqa: E402
+from prunelab.report.records import filter_records, find_records, load_wandb_runs  # noqa: E402
 from prunelab.report.table import aggregate, to_csv, to_latex, to_markdown  # noqa: E402
 
 
@@ -47,6 +47,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         choices=("auto", "relative", "sci"),
         default="auto",
         help="extra columns as multiples of dense (auto: when there is a dense run) or 1.2e+09",
+    )
+    parser.add_argument(
+        "--where",
+        action="append",
+        default=[],
+        metavar="KEY=V1,V2",
+        help="keep only runs whose KEY is one of the values, repeatable: --where sparsity=0.9,0.95",
     )
     parser.add_argument("--format", choices=("markdown", "latex", "csv"), default="markdown")
     parser.add_argument(
@@ -95,8 +102,13 @@ def main(argv: list[str] | None = None) -> int:
 
         filters = json.loads(args.wandb_filters) if args.wandb_filters else None
         records += load_wandb_runs(wandb.Api(), args.wandb, filters=filters)
+    try:
+        records = filter_records(records, args.where) if args.where else records
+    except ValueError as err:
+        fail(str(err), 2)
     if not records:
         where = " ".join(args.paths + ([f"wandb:{args.wandb}"] if args.wandb else []))
+        where += "".join(f" --where {w}" for w in args.where)
         fail(f"no results found in {where} (looked for results.json and .hydra/overrides.yaml)")
 
     rows, cols = _keys(args.rows or ["pruning"]), _keys(args.cols or ["sparsity"])

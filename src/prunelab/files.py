@@ -22,6 +22,9 @@ EXPORT_STATE_DICT = "state_dict.pt"
 EXPORT_SPARSE = "sparse.pt"
 EXPORT_ONNX = "model.onnx"
 EXPORT_REPORT = "export.json"
+# Iterative magnitude pruning: one sub-run folder per level (and branch), the rewind point.
+IMP_LEVELS_DIR = "levels"
+IMP_REWIND_WEIGHTS = "rewind.pt"
 # Files Hydra writes in HYDRA_DIR of every job.
 HYDRA_OVERRIDES = "overrides.yaml"
 HYDRA_CONFIG = "config.yaml"
@@ -51,3 +54,19 @@ def csv_metrics(run_dir: str | Path) -> Path:
 def export_dir(run_dir: str | Path) -> Path:
     """Where eval.py writes a run's exported model files."""
     return Path(run_dir) / EXPORT_DIR
+
+
+def imp_levels_dir(run_dir: str | Path) -> Path:
+    """Where an IMP run keeps its levels' sub-runs."""
+    return Path(run_dir) / IMP_LEVELS_DIR
+
+
+def imp_level_dir(run_dir: str | Path, level: int, branch: str | None = None) -> Path:
+    """The sub-run of IMP level ``level`` (``level_03``), or of a control branch at that
+    level (``level_03_random``)."""
+    return imp_levels_dir(run_dir) / (f"level_{level:02d}" + (f"_{branch}" if branch else ""))
+
+
+def imp_rewind_weights(run_dir: str | Path) -> Path:
+    """The model state an IMP run rewinds to (saved at ``pruning.rewind_step`` of level 0)."""
+    return Path(run_dir) / IMP_REWIND_WEIGHTS

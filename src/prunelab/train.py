@@ -350,10 +350,6 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> dict[str, Any]:
     """
     import pytorch_lightning as pl
 
-    from prunelab.tracking.checkpoint import RunCheckpoint
-    from prunelab.tracking.profiler import NullProfiler
-    from prunelab.tracking.progress import ThrottledRichProgressBar
-
     run_dir = Path(cfg.paths.output_dir)
     try:
         validate(cfg)
@@ -380,7 +376,6 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> dict[str, Any]:
             return done
     _limit_threads()
     record = RunRecord(run_dir, config, seed=int(cfg.seed), config_hash=cell, code=code)
-    wandb_logger = None
     try:
         pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
         built = build(cfg)
@@ -394,14 +389,59 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> dict[str, Any]:
             n_params=sum(p.numel() for p in built["model"].parameters()),
             n_prunable=sum(p.numel() for p in built["prunable"].values()),
         )
-        unpruned = _unpruned(built)
-        _check_cost_meter(cfg, built)
-        checkpoint = RunCheckpoint(run_dir)
-        progress = []
-        if cfg.trainer.get("enable_progress_bar", True):
-            progress.append(ThrottledRichProgressBar(leave=True))
-        loggers = _loggers(cfg, run_dir, config, name, group=cell, tags=tags)
-        wandb_logger = next((lg for lg in loggers if type(lg).__name__ == "WandbLogger"), None)
+        if getattr(built["engine"].method, "name", None) == "imp":
+            from prunelab.lottery import run_imp
+
+            return run_imp(cfg, built, record, name=name, tags=tags, callbacks=callbacks)
+        return fit_and_record(
+            cfg, built, record, run_dir, name=name, group=cell, tags=tags, callbacks=callbacks
+        )
+    except BaseException as err:
+        record.fail(err)
+        raise
+    finally:
+        wandb_setup.finish()
+
+
+def fit_and_record(
+    cfg: DictConfig,
+    built: dict[str, Any],
+    record: RunRecord,
+    run_dir: Path,
+    name: str,
+    group: str,
+    tags: list,
+    callbacks: list | None = None,
+    trainer_kwargs: dict[str, Any] | None = None,
+    ckpt_path: str | None = None,
+    extra: dict[str, Any] | None = None,
+    config: dict[str, Any] | None = None,
+    target: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Fit ``built`` under a fresh Trainer writing to ``run_dir``, test it, measure its cost
+    and complete ``record``; return the record.
+
+    ``trainer_kwargs`` override the trainer config (an IMP level's ``max_steps``),
+    ``ckpt_path`` resumes (default: ``cfg.ckpt_path``), ``extra`` adds fields to the record,
+    ``config`` is what the loggers are given (default: the resolved ``cfg``) and ``target``
+    the record's sparsity target (default: from the method and ``cfg.sparsity``). Errors
+    propagate: the caller fails the record.
+    """
+    from prunelab.tracking.checkpoint import RunCheckpoint
+    from prunelab.tracking.profiler import NullProfiler
+    from prunelab.tracking.progress import ThrottledRichProgressBar
+
+    if config is None:
+        config = OmegaConf.to_container(cfg, resolve=True)
+    unpruned = _unpruned(built)
+    _check_cost_meter(cfg, built)
+    checkpoint = RunCheckpoint(run_dir)
+    progress = []
+    if cfg.trainer.get("enable_progress_bar", True):
+        progress.append(ThrottledRichProgressBar(leave=True))
+    loggers = _loggers(cfg, run_dir, config, name, group=group, tags=tags)
+    wandb_logger = next((lg for lg in loggers if type(lg).__name__ == "WandbLogger"), None)
+    try:
         trainer = _instantiate(
             cfg.trainer,
             "trainer",
@@ -409,9 +449,11 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> dict[str, Any]:
             callbacks=[checkpoint, *progress, *(callbacks or [])],
             default_root_dir=str(run_dir),
             **({} if cfg.trainer.get("profiler") else {"profiler": NullProfiler()}),
+            **(trainer_kwargs or {}),
         )
         start = time.time()
-        trainer.fit(built["module"], datamodule=built["datamodule"], ckpt_path=cfg.get("ckpt_path"))
+        resume = ckpt_path if ckpt_path is not None else cfg.get("ckpt_path")
+        trainer.fit(built["module"], datamodule=built["datamodule"], ckpt_path=resume)
         fit_s = time.time() - start
         fit_metrics = dict(trainer.callback_metrics)
         test_ckpt = "best" if cfg.test_ckpt == "best" and checkpoint.best_model_path else None
@@ -426,7 +468,7 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> dict[str, Any]:
         record.complete(
             metrics=metrics,
             sparsity={
-                **_target(built["engine"].method, float(cfg.sparsity)),
+                **(target or _target(built["engine"].method, float(cfg.sparsity))),
                 **built["engine"].sparsity_report(),
                 **unpruned,
             },
@@ -443,16 +485,15 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> dict[str, Any]:
                 "val/acc": _scalar_metrics({"v": checkpoint.best_model_score}).get("v"),
                 "tested": test_ckpt == "best",
             },
+            **(extra or {}),
         )
         if is_main_process():
             wandb_setup.log_run_end(wandb_logger, record.data)
             print_summary(record.data)
         return record.data
-    except BaseException as err:
-        record.fail(err)
-        raise
     finally:
-        wandb_setup.finish()
+        if wandb_logger is not None:
+            wandb_setup.finish()
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")

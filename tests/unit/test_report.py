@@ -12,7 +12,13 @@ import pytest
 
 from prunelab import files
 from prunelab.report.published import Published, PublishedEntry, available, load_published
-from prunelab.report.records import Record, find_records, load_wandb_runs, parse_overrides
+from prunelab.report.records import (
+    Record,
+    filter_records,
+    find_records,
+    load_wandb_runs,
+    parse_overrides,
+)
 from prunelab.report.table import (
     FAILED,
     MISSING,
@@ -362,7 +368,7 @@ def test_published_files_load_with_sources(tmp_path):
     lottery = load_published("mnist1d_lottery").entries
     assert any(
         e.conditions
-        == {"dataset": "mnist1d", "model": "mlp", "pruning": "random", "sparsity": 0.99}
+        == {"dataset": "mnist1d", "model": "mlp", "pruning": "imp_random", "sparsity": 0.99}
         and e.value == pytest.approx(0.169)
         for e in lottery
     )
@@ -478,3 +484,31 @@ def test_extra_relative_to_the_only_dense_baseline_across_other_keys():
     )
     assert table.cell(("rigl", "erk"), 0.9).dense_ref == {"cost.flops_train": 4e12}
     assert "| 0.50× |" in to_markdown(table)
+
+
+def _run(pruning: str, sparsity: float) -> Record:
+    config = {"pruning": {"name": pruning}, "sparsity": sparsity, "seed": 0}
+    return Record(data={"status": "completed", "config": config}, source=pruning)
+
+
+def test_where_keeps_runs_whose_key_is_one_of_the_values():
+    runs = [_run("imp", 0.5), _run("imp", 0.9), _run("rigl", 0.9), _run("imp_random", 0.95)]
+    kept = filter_records(runs, ["sparsity=0.9,0.95", "pruning=imp,imp_random"])
+    assert [(r.get("pruning"), r.get("sparsity")) for r in kept] == [
+        ("imp", 0.9),
+        ("imp_random", 0.95),
+    ]
+    assert filter_records(runs, []) == runs
+    with pytest.raises(ValueError, match="KEY=VALUE"):
+        filter_records(runs, ["sparsity"])
+
+
+def test_a_completed_run_of_sub_runs_is_left_to_its_sub_runs(tmp_path):
+    for sub, data in {
+        "imp": {"status": "completed", "sub_runs": [{"level": 0}], "config": {}},
+        "imp/levels/level_00": {"status": "completed", "config": {"sparsity": 0.0}},
+    }.items():
+        (tmp_path / sub).mkdir(parents=True)
+        files.results_path(tmp_path / sub).write_text(json.dumps(data))
+    found = find_records([tmp_path])
+    assert [Path(r.source).name for r in found] == ["level_00"]

@@ -49,6 +49,10 @@ METHOD_ACCOUNTING: dict[str, str] = {
     "rigl": "rigl",
     "dynamic": "rigl",
     "snfs": "snfs",
+    "imp": "fixed",  # each level trains with its mask fixed (level 0: dense)
+    "han": "gradual",  # the masks in force at each step, from the history
+    "dns": "gradual",
+    "l0": "dense",
 }
 
 Segment = tuple[int, Mapping[str, float], "int | None"]

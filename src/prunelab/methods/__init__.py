@@ -7,8 +7,12 @@ from typing import Any
 from prunelab.errors import ConfigError
 from prunelab.methods.base import MagnitudePruning, PruneAndGrow, PruningMethod
 from prunelab.methods.dense import Dense
+from prunelab.methods.dns import DynamicNetworkSurgery
 from prunelab.methods.gmp import GradualMagnitude
 from prunelab.methods.grasp import GraSP
+from prunelab.methods.han import HanPruning
+from prunelab.methods.imp import IterativeMagnitude
+from prunelab.methods.l0 import L0Regularization
 from prunelab.methods.l1 import L1Penalty
 from prunelab.methods.random import RandomStatic
 from prunelab.methods.rigl import RigL
@@ -27,6 +31,10 @@ METHODS: dict[str, type[PruningMethod]] = {
     "synflow": SynFlow,
     "gmp": GradualMagnitude,
     "l1": L1Penalty,
+    "l0": L0Regularization,
+    "han": HanPruning,
+    "imp": IterativeMagnitude,
+    "dns": DynamicNetworkSurgery,
     "set": SET,
     "rigl": RigL,
     "snfs": SNFS,
@@ -55,8 +63,12 @@ __all__ = [
     "SNFS",
     "SNIP",
     "Dense",
+    "DynamicNetworkSurgery",
     "GraSP",
     "GradualMagnitude",
+    "HanPruning",
+    "IterativeMagnitude",
+    "L0Regularization",
     "L1Penalty",
     "MagnitudePruning",
     "PruneAndGrow",

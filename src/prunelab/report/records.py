@@ -310,7 +310,29 @@ def find_records(paths: list[str | Path]) -> list[Record]:
             elif path.name == files.HYDRA_OVERRIDES and path.parent.name == files.HYDRA_DIR:
                 run_dirs.add(path.parent.parent)
     ordered = sorted({d.resolve() for d in run_dirs}, key=lambda d: _natural_key(str(d)))
-    return [Record.from_dir(d) for d in ordered]
+    records = [Record.from_dir(d) for d in ordered]
+    # A completed run made of sub-runs (IMP: one per level) is their summary: the table
+    # reads the sub-runs. A failed one stays, so its cell shows the failure.
+    return [r for r in records if not (r.completed and r.data.get("sub_runs"))]
+
+
+def filter_records(records: list[Record], where: list[str]) -> list[Record]:
+    """The records whose value of each ``KEY=V1,V2,...`` condition in ``where`` is one of
+    the listed values (compared as YAML scalars: ``sparsity=0.9,0.95``, ``pruning=imp``).
+    Raises ValueError for a condition without ``=``."""
+    from prunelab.report.published import same
+
+    conditions = []
+    for text in where:
+        key, sep, values = str(text).partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--where takes KEY=VALUE[,VALUE...], got {text!r}")
+        conditions.append((key.strip(), [_parse_value(v) for v in values.split(",")]))
+    return [
+        r
+        for r in records
+        if all(any(same(r.get(key), v) for v in values) for key, values in conditions)
+    ]
 
 
 # -- Weights & Biases ------------------------------------------------------------------
