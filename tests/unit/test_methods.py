@@ -156,6 +156,8 @@ GOOD_SCHEDULES = {
     "grasp": {"kind": "fixed"},
     "synflow": {"kind": "fixed"},
     "l1": {"kind": "one_shot", "at": 0.5, "at_epoch": None},
+    "imp": {"kind": "fixed"},
+    "han": {"kind": "iterative", "begin": 0.25, "end": 0.75},
 }
 
 
