@@ -9,6 +9,8 @@ nn.Module's registry checks.
 
 from __future__ import annotations
 
+import math
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -103,7 +105,13 @@ class ClassificationModule(pl.LightningModule):
         log_every_n_steps: int = 50,
         engine: SparsityEngine | None = None,
         weight_decay_norm_bias: bool = True,
+        lr_schedule_offset: int = 0,
+        lr_schedule_total: int | None = None,
     ) -> None:
+        """``lr_schedule_offset``/``lr_schedule_total``: a run that continues a longer
+        schedule (an IMP level rewound to step k trains steps k..T) starts its learning-rate
+        schedule ``lr_schedule_offset`` optimizer steps in, on a schedule sized for
+        ``lr_schedule_total`` steps (default: this run's own length)."""
         super().__init__()
         self.model = model
         self.engine = engine
@@ -113,6 +121,8 @@ class ClassificationModule(pl.LightningModule):
         self._scheduler_interval = scheduler_interval
         self._log_every = max(1, int(log_every_n_steps))
         self._weight_decay_norm_bias = bool(weight_decay_norm_bias)
+        self._lr_offset = max(0, int(lr_schedule_offset))
+        self._lr_total = None if lr_schedule_total is None else int(lr_schedule_total)
         # Only methods that define a loss term pay for a call per step.
         method = getattr(engine, "method", None)
         self._has_penalty = (
@@ -258,10 +268,25 @@ class ClassificationModule(pl.LightningModule):
         self.test_loss.reset()
 
     # -- optimisation -----------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        """A pruning method that trains parameters of its own (L0's gates) attaches them here,
+        before a checkpoint is restored and the optimizer is built: they become the submodule
+        ``pruning_state``, saved, restored and moved to the device with this module."""
+        attach = getattr(getattr(self.engine, "method", None), "attach", None)
+        if attach is not None and "pruning_state" not in self._modules:
+            state = attach(self.engine.model, self.engine.params)
+            if state is not None:
+                self.pruning_state = state
+
     def parameter_groups(self) -> list[dict[str, Any]] | Any:
         """The model's parameters, or two groups when normalisation layers and biases take no
-        weight decay (``weight_decay_norm_bias=false``, as in the RigL and WRN recipes)."""
+        weight decay (``weight_decay_norm_bias=false``, as in the RigL and WRN recipes); plus
+        the groups of a pruning method's own parameters (L0's gates, without weight decay)."""
+        method_groups = getattr(getattr(self.engine, "method", None), "parameter_groups", None)
+        extra = list(method_groups()) if method_groups is not None else []
         if self._weight_decay_norm_bias:
+            if extra:
+                return [{"params": list(self.model.parameters())}, *extra]
             return self.model.parameters()
         decay, no_decay = [], []
         norms = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
@@ -269,7 +294,7 @@ class ClassificationModule(pl.LightningModule):
             for name, param in module.named_parameters(recurse=False):
                 skip = isinstance(module, norms) or name == "bias" or param.ndim <= 1
                 (no_decay if skip else decay).append(param)
-        return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
+        return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}, *extra]
 
     def configure_optimizers(self):
         optimizer = self._optimizer_factory(params=self.parameter_groups())
@@ -279,14 +304,32 @@ class ClassificationModule(pl.LightningModule):
             return optimizer
         kwargs: dict[str, Any] = {}
         target = getattr(self._scheduler_factory, "func", self._scheduler_factory)
+        steps = int(self.trainer.estimated_stepping_batches)
+        # Optimizer steps per epoch (estimated_stepping_batches has set up the data).
+        batches = self.trainer.num_training_batches
+        accumulate = max(1, int(self.trainer.accumulate_grad_batches))
+        per_epoch = max(1, int(batches) // accumulate) if math.isfinite(batches) else 1
+        total_steps = self._lr_total if self._lr_total is not None else steps
         if target is torch.optim.lr_scheduler.CosineAnnealingLR and "T_max" not in getattr(
             self._scheduler_factory, "keywords", {}
         ):
-            total = self.trainer.estimated_stepping_batches
+            total = total_steps
             if self._scheduler_interval == "epoch":
-                total = self.trainer.max_epochs
+                total = (
+                    self.trainer.max_epochs
+                    if self._lr_total is None
+                    else math.ceil(total_steps / per_epoch)
+                )
             kwargs["T_max"] = max(1, int(total))
         scheduler = self._scheduler_factory(optimizer=optimizer, **kwargs)
+        if self._lr_offset:
+            skip = self._lr_offset
+            if self._scheduler_interval == "epoch":
+                skip = self._lr_offset // per_epoch
+            with warnings.catch_warnings():  # "scheduler.step() before optimizer.step()"
+                warnings.simplefilter("ignore", UserWarning)
+                for _ in range(skip):
+                    scheduler.step()
         return {
             "optimizer": optimizer,
             "lr_scheduler": {"scheduler": scheduler, "interval": self._scheduler_interval},

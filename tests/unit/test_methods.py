@@ -158,7 +158,10 @@ GOOD_SCHEDULES = {
     "l1": {"kind": "one_shot", "at": 0.5, "at_epoch": None},
     "imp": {"kind": "fixed"},
     "han": {"kind": "iterative", "begin": 0.25, "end": 0.75},
+    "l0": {"kind": "fixed"},
 }
+# Distributions other than ERK for the methods that take only some.
+GOOD_DISTRIBUTIONS = {"imp": "uniform"}
 
 
 def test_every_registered_method_has_a_schedule_here():
@@ -167,7 +170,8 @@ def test_every_registered_method_has_a_schedule_here():
 
 @pytest.mark.parametrize("name", sorted(GOOD_SCHEDULES))
 def test_build_method_builds_every_registered_method(name):
-    method = build_method(name, 0.9, distribution=dist("erk"), schedule=GOOD_SCHEDULES[name])
+    distribution = dist(GOOD_DISTRIBUTIONS.get(name, "erk"))
+    method = build_method(name, 0.9, distribution=distribution, schedule=GOOD_SCHEDULES[name])
     assert isinstance(method, METHODS[name])
     assert method.name == name
 

@@ -51,8 +51,8 @@ METHOD_ACCOUNTING: dict[str, str] = {
     "snfs": "snfs",
     "imp": "fixed",  # each level trains with its mask fixed (level 0: dense)
     "han": "gradual",  # the masks in force at each step, from the history
-    "dns": "gradual",
-    "l0": "dense",
+    "dns": "snfs",  # dense weight gradients every step: pruned weights keep training
+    "l0": "one_shot",  # dense (gated) until the gates are folded, then the fixed mask
 }
 
 Segment = tuple[int, Mapping[str, float], "int | None"]
