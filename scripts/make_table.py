@@ -53,7 +53,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="append",
         default=[],
         metavar="KEY=V1,V2",
-        help="keep only runs whose KEY is one of the values, repeatable: --where sparsity=0.9,0.95",
+        help="keep only runs whose KEY is one of the values (KEY!=V: none of them), "
+        "repeatable: --where sparsity=0.9,0.95 --where imp.level!=0",
     )
     parser.add_argument("--format", choices=("markdown", "latex", "csv"), default="markdown")
     parser.add_argument(

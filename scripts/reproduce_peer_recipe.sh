@@ -9,7 +9,11 @@
 # Three sweeps into outputs/multiruns/fmnist_peer_recipe*/ (re-running skips what completed):
 #   1. the six methods with their own distributions at 90/95/98%, 3 seeds (20 epochs);
 #   2. GMP with one global magnitude threshold (the algorithm of Lightning's ModelPruning);
-#   3. RigL trained 5x longer (100 epochs) at 95/98%, the RigL paper's budget comparison.
+#   3. RigL trained 5x longer (100 epochs) at 95/98%, the RigL paper's budget comparison;
+#   4. han, dns and l0 at 90/95/98%;
+#   5. IMP (lottery tickets) with levels at 50/75/90/95/98%, rewinding to step 500 (about one
+#      epoch, as Frankle et al. 2020 rewind large-learning-rate runs): one run per seed gives
+#      all three columns.
 # Then prints the table with the peers' numbers beside the matching cells.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -29,5 +33,12 @@ COMMON=(experiment=fmnist_peer_recipe launcher=joblib "n_jobs=$N_JOBS" "seed=$SE
 "$PY" train.py "${COMMON[@]}" pruning=rigl sparsity=0.95,0.98 epochs=100 \
   "hydra.sweep.dir=$ROOT/fmnist_peer_recipe/rigl_100_epochs"
 
+"$PY" train.py "${COMMON[@]}" pruning=han,dns,l0 \
+  "hydra.sweep.dir=$ROOT/fmnist_peer_recipe/han_dns_l0"
+"$PY" train.py "${COMMON[@]}" pruning=imp sparsity=0.98 \
+  'pruning.level_sparsities=[0.5,0.75,0.9,0.95,0.98]' pruning.rewind_step=500 \
+  "hydra.sweep.dir=$ROOT/fmnist_peer_recipe/imp"
+
+# IMP's levels at 0/50/75% are left out of the table (its 90/95/98% levels are the cells).
 "$PY" scripts/make_table.py "$ROOT/fmnist_peer_recipe" --rows pruning,distribution,epochs \
-  --published fmnist_peer_recipe
+  --published fmnist_peer_recipe --where sparsity=0,0.9,0.95,0.98 --where 'imp.level!=0'

@@ -126,6 +126,7 @@ def run_imp(
         )
     method.setup({n: tuple(p.shape) for n, p in prunable.items()}, estimate, 1)
     plan = method.plan()
+    method.check_branch_levels(plan)
     config = record.data["config"]
     group = f"imp-{parent_hash}-seed{seed}"
     record.update(imp={"levels": [_plan_entry(lv) for lv in plan], "rewind_step": k})
@@ -231,7 +232,7 @@ def run_imp(
         overlaps = {LOTTERY: {"overlap_previous": mask_overlap(new_mask, mask)}}
         result = sub_run(level, LOTTERY, new_mask, saved)
         summary.append(_summary_line(level, LOTTERY, result))
-        for branch in method.branches:
+        for branch in method.branches_at(level):
             branch_masks = branch_mask(branch, new_mask, seed, level.index)
             overlaps[branch] = {"overlap_lottery": mask_overlap(branch_masks, new_mask)}
             weights = saved if branch != "reinit" else _fresh_init(cfg, built, seed, level.index)
@@ -240,7 +241,7 @@ def run_imp(
             )
         trained, mask = _trained_state(files.imp_level_dir(run_dir, level.index))
     record.complete(
-        metrics=summary[-1 - len(method.branches)].get("metrics", {}),
+        metrics=next(x for x in reversed(summary) if x["branch"] == LOTTERY).get("metrics", {}),
         sparsity={"target": method.sparsity, "global": plan[-1].realised},
         sub_runs=summary,
         imp={"levels": [_plan_entry(lv) for lv in plan], "rewind_step": k, "steps": steps},

@@ -210,3 +210,17 @@ def test_rate_driven_level_count_matches_the_lottery_ticket_arithmetic():
     method, _, _ = _imp(0.95, output_rate=None)
     plan = method.plan()
     assert len(plan) - 1 == math.ceil(math.log(0.05) / math.log(0.8)) == 14
+
+
+def test_branches_run_at_every_level_or_only_at_the_chosen_ones():
+    method, _, _ = _imp(0.9, level_sparsities=[0.5, 0.8, 0.9], branch="random")
+    plan = method.plan()
+    assert [method.branches_at(lv) for lv in plan] == [(), ("random",), ("random",), ("random",)]
+    method, _, _ = _imp(0.9, level_sparsities=[0.5, 0.8, 0.9], branch="random", branch_levels=[0.8])
+    assert [method.branches_at(lv) for lv in method.plan()] == [(), (), ("random",), ()]
+    method.check_branch_levels(method.plan())
+    method, _, _ = _imp(0.9, level_sparsities=[0.5, 0.9], branch="random", branch_levels=[0.8])
+    with pytest.raises(
+        ConfigError, match="0.8 is not the sparsity of a level; the levels are 0.5, 0.9"
+    ):
+        method.check_branch_levels(method.plan())

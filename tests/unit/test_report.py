@@ -499,6 +499,7 @@ def test_where_keeps_runs_whose_key_is_one_of_the_values():
         ("imp_random", 0.95),
     ]
     assert filter_records(runs, []) == runs
+    assert [r.get("sparsity") for r in filter_records(runs, ["sparsity!=0.9"])] == [0.5, 0.95]
     with pytest.raises(ValueError, match="KEY=VALUE"):
         filter_records(runs, ["sparsity"])
 

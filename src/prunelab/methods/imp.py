@@ -106,7 +106,8 @@ class IterativeMagnitude(PruningMethod):
     ``branch``: control runs trained from each level's lottery mask: ``reinit`` (same mask,
     fresh random initialisation), ``shuffle`` (each layer's mask permuted at random: same
     count per layer, rewound weights), ``random`` (a new random mask with the same count per
-    layer, rewound weights).
+    layer, rewound weights); ``branch_levels`` limits them to the levels of those
+    sparsities (default: every level after 0).
 
     Deviations from the references, on purpose: open_lth and Frankle & Carbin round each
     layer's count per level, so their level sparsities drift from the nominal values; here
@@ -129,6 +130,7 @@ class IterativeMagnitude(PruningMethod):
         level_sparsities: Sequence[float] | None = None,
         rewind_step: int = 0,
         branch: Any = None,
+        branch_levels: Sequence[float] | None = None,
         **options: Any,
     ) -> None:
         super().__init__(sparsity, distribution, schedule, **options)
@@ -154,6 +156,16 @@ class IterativeMagnitude(PruningMethod):
             )
         self.rewind_step = int(rewind_step)
         self.branches = parse_branches(branch)
+        if branch_levels is not None and not isinstance(branch_levels, (list, tuple)):
+            raise ConfigError(
+                f"pruning.branch_levels must be a list of level sparsities or null, got "
+                f"{branch_levels!r}; e.g. pruning.branch_levels=[0.8,0.95]"
+            )
+        self.branch_levels = (
+            None
+            if branch_levels is None
+            else tuple(_fraction("branch_levels", v, "[0.8,0.95]") for v in branch_levels)
+        )
         # Set on the copy that trains one level (for_level).
         self.level: Level | None = None
         self.level_mask: Masks | None = None
@@ -263,6 +275,26 @@ class IterativeMagnitude(PruningMethod):
                 return levels
             realised = self._realised(kept)
             levels.append(self._level(i, round(realised, 4), kept))
+
+    def branches_at(self, level: Level) -> tuple[str, ...]:
+        """The control branches trained at ``level`` (all levels but 0, or those of
+        ``branch_levels``)."""
+        if level.index == 0:
+            return ()
+        if self.branch_levels is None:
+            return self.branches
+        hit = any(abs(level.sparsity - s) < 1e-6 for s in self.branch_levels)
+        return self.branches if hit else ()
+
+    def check_branch_levels(self, plan: list[Level]) -> None:
+        """Every ``branch_levels`` entry must be the sparsity of a level of ``plan``."""
+        nominal = [lv.sparsity for lv in plan[1:]]
+        for value in self.branch_levels or ():
+            if not any(abs(value - s) < 1e-6 for s in nominal):
+                raise ConfigError(
+                    f"pruning.branch_levels: {value} is not the sparsity of a level; the "
+                    f"levels are {', '.join(f'{s:g}' for s in nominal)}"
+                )
 
     def _level(self, index: int, nominal: float, kept: int) -> Level:
         counts = self._counts_for_budget(kept) if self.distribution == "uniform" else None

@@ -317,22 +317,29 @@ def find_records(paths: list[str | Path]) -> list[Record]:
 
 
 def filter_records(records: list[Record], where: list[str]) -> list[Record]:
-    """The records whose value of each ``KEY=V1,V2,...`` condition in ``where`` is one of
-    the listed values (compared as YAML scalars: ``sparsity=0.9,0.95``, ``pruning=imp``).
+    """The records that meet every condition of ``where``: ``KEY=V1,V2,...`` (the value is
+    one of those listed) or ``KEY!=V1,...`` (it is none of them; a record without the key
+    passes). Values compare as YAML scalars: ``sparsity=0.9,0.95``, ``imp.level!=0``.
     Raises ValueError for a condition without ``=``."""
     from prunelab.report.published import same
 
     conditions = []
     for text in where:
         key, sep, values = str(text).partition("=")
-        if not sep or not key.strip():
-            raise ValueError(f"--where takes KEY=VALUE[,VALUE...], got {text!r}")
-        conditions.append((key.strip(), [_parse_value(v) for v in values.split(",")]))
-    return [
-        r
-        for r in records
-        if all(any(same(r.get(key), v) for v in values) for key, values in conditions)
-    ]
+        negate = key.endswith("!")
+        key = key.rstrip("!").strip()
+        if not sep or not key:
+            raise ValueError(f"--where takes KEY=VALUE[,VALUE...] or KEY!=VALUE, got {text!r}")
+        conditions.append((key, negate, [_parse_value(v) for v in values.split(",")]))
+
+    def keep(record: Record) -> bool:
+        for key, negate, values in conditions:
+            value = record.get(key)
+            if any(same(value, v) for v in values) == negate:
+                return False
+        return True
+
+    return [r for r in records if keep(r)]
 
 
 # -- Weights & Biases ------------------------------------------------------------------
