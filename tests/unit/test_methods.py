@@ -159,6 +159,7 @@ GOOD_SCHEDULES = {
     "imp": {"kind": "fixed"},
     "han": {"kind": "iterative", "begin": 0.25, "end": 0.75},
     "l0": {"kind": "fixed"},
+    "dns": {"kind": "polynomial", "begin": 0.0, "end": 0.75, "frequency": 100, "power": 3},
 }
 # Distributions other than ERK for the methods that take only some.
 GOOD_DISTRIBUTIONS = {"imp": "uniform"}

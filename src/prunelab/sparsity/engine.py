@@ -19,7 +19,26 @@ Invariants (each has a test):
   counted, for methods that read gradients;
 - random choices are seeded from (seed, step, layer), so every DDP rank makes the same
   choice without communication;
-- masks, the ever-active set and the update history round-trip through ``state_dict``.
+- masks, the ever-active set and the update history round-trip through ``state_dict``, and
+  so does the method's own state when it has one (``method.state_dict()``).
+
+Methods that keep pruned values (``keeps_pruned_values = True``, Dynamic Network Surgery)
+train a full-precision copy of the weights under the mask instead of zeroing pruned weights
+for good. The engine then keeps a *shadow* ``W`` of every prunable weight (on the weight's
+device and in its dtype) and the parameter holds ``W ⊙ T`` (``T`` the mask) in forward and
+backward, so the gradient is that of the masked forward. In :meth:`before_optimizer_step` the
+active values of the parameter are copied into the shadow and the full ``W`` is put into the
+parameter, so the optimizer updates every entry of ``W``, pruned ones included (gradients are
+masked only if the method sets ``mask_gradients``); the step post-hook copies the new ``W``
+into the shadow, lets the method compute the new masks from it on update steps (so a mask
+update at step ``t`` decides the masks of the forward at ``t + 1``), and writes ``W ⊙ T`` back
+into the parameter. Outside that window the parameter's active entries are authoritative and
+its pruned entries are exactly zero, as for every other method; should an optimizer step not
+run (an AMP overflow step: no post-hook), a forward pre-hook re-applies the mask before the
+next forward. The shadow round-trips through ``state_dict``; a checkpoint without one starts
+it from the (masked) weights. ``reset_state = "none"`` leaves the optimizer state alone at an
+update (pruned weights keep training, so their moments stay meaningful); ``update_step`` and
+the Adam per-weight correction concern weights regrown from zero and do not apply.
 
 Pure torch: the Lightning module calls :meth:`before_optimizer_step` from
 ``on_before_optimizer_step`` and registers :meth:`attach` on its optimizer.
@@ -112,6 +131,12 @@ class SparsityEngine:
         self._latest_reset = 0
         # update_step=skip: tensors to restore after the step, and params that had no state.
         self._restore: tuple[dict[torch.Tensor, torch.Tensor], list[torch.Tensor]] | None = None
+        # keeps_pruned_values: the full-precision weights (None until needed), the update
+        # step whose mask update waits for the post-hook, and whether the parameters hold
+        # the full weights (between before_optimizer_step and the post-hook).
+        self.shadow: dict[str, torch.Tensor] | None = None
+        self._pending: tuple[int, dict[str, torch.Tensor | None]] | None = None
+        self._full_in_params = False
 
     # -- set-up -----------------------------------------------------------------------------
     @property
@@ -122,6 +147,11 @@ class SparsityEngine:
     def active(self) -> bool:
         """False for the dense baseline: nothing to mask, the hooks do nothing."""
         return not getattr(self.method, "is_dense", False)
+
+    @property
+    def keeps_pruned_values(self) -> bool:
+        """True for methods that train the pruned weights on in a shadow copy (DNS)."""
+        return self.active and bool(getattr(self.method, "keeps_pruned_values", False))
 
     def setup(self, total_steps: int, steps_per_epoch: int) -> None:
         """Tell the method how long training is (schedules are fractions of it)."""
@@ -138,17 +168,30 @@ class SparsityEngine:
         ctx = Context(self.seed, 0, batches=batches, loss_fn=loss_fn, model=self.model)
         masks = self.method.init_masks(self.params, ctx)
         self.masks = masks.to(self._device())
+        if self.keeps_pruned_values:
+            self.shadow = {n: p.detach().clone() for n, p in self.params.items()}
         self.masks.apply_(self.params)
         self.ever_active = self.masks.clone()
         self._record(step=0, turnover=0.0)
 
     def attach(self, optimizer: torch.optim.Optimizer) -> None:
-        """Re-apply the masks after every step of ``optimizer`` (a step post-hook)."""
+        """Re-apply the masks after every step of ``optimizer`` (a step post-hook); for
+        methods that keep pruned values, also before every forward of the model if the
+        parameters still hold the full weights (a step that did not run)."""
         if self.active:
             self._handles.append(optimizer.register_step_post_hook(self._after_step))
+        if self.keeps_pruned_values and self.model is not None:
+            self._handles.append(self.model.register_forward_pre_hook(self._before_forward))
+
+    def _before_forward(self, module: nn.Module, args: Any) -> None:
+        if self._full_in_params:
+            self._mask_params()
 
     @torch.no_grad()
     def _after_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        if self.keeps_pruned_values:
+            self._after_step_keeping_values(optimizer)
+            return
         if self._restore is not None:  # update_step=skip: undo this step entirely
             saved, stateless = self._restore
             for target, value in saved.items():
@@ -173,6 +216,84 @@ class SparsityEngine:
             self.masks = self.masks.to(device)
             self.ever_active = self.ever_active.to(device) if self.ever_active else None
             self.adam_resets = {n: r.to(device) for n, r in self.adam_resets.items()}
+        if self.shadow is not None:
+            self.shadow = {
+                n: s if s.device == self.params[n].device else s.to(self.params[n].device)
+                for n, s in self.shadow.items()
+            }
+
+    # -- shadow weights (keeps_pruned_values) -------------------------------------------------
+    @torch.no_grad()
+    def _sync_shadow(self) -> None:
+        """Bring the parameters' current values into the shadow: all of them while the
+        parameters hold the full weights, else only the active ones (the pruned entries of a
+        parameter are zeros, not values)."""
+        if self.shadow is None:  # e.g. resumed from a checkpoint without one
+            self.shadow = {n: p.detach().clone() for n, p in self.params.items()}
+            return
+        for name, param in self.params.items():
+            shadow = self.shadow[name]
+            if self._full_in_params:
+                shadow.copy_(param)
+            else:
+                shadow.copy_(torch.where(self.masks[name], param, shadow))
+
+    @torch.no_grad()
+    def _mask_params(self) -> None:
+        """Parameters := shadow ⊙ mask."""
+        assert self.shadow is not None and self.masks is not None
+        for name, param in self.params.items():
+            param.copy_(self.shadow[name])
+        self.masks.apply_(self.params)
+        self._full_in_params = False
+
+    @torch.no_grad()
+    def _before_step_keeping_values(
+        self, step: int, optimizer: torch.optim.Optimizer | None
+    ) -> bool:
+        """Schedule this step's mask update for the post-hook, then put the full weights into
+        the parameters for the optimizer step."""
+        assert self.masks is not None
+        self._sync_shadow()
+        grads = {n: p.grad for n, p in self.params.items()}
+        update = False
+        if self.method.is_update_step(step):
+            if getattr(self.method, "needs_dense_grads", False) and not _all_finite(grads):
+                self._skip_update(step)
+            else:
+                self._pending = (step, grads)
+                update = True
+        if getattr(self.method, "mask_gradients", True):
+            self.masks.apply_(grads)
+        for name, param in self.params.items():
+            param.copy_(self.shadow[name])
+        self._full_in_params = True
+        return update
+
+    @torch.no_grad()
+    def _after_step_keeping_values(self, optimizer: torch.optim.Optimizer) -> None:
+        """The new full weights into the shadow, the pending mask update, W ⊙ T back."""
+        if self.masks is None:
+            return
+        self._sync_shadow()
+        self._full_in_params = False
+        if self._pending is not None:
+            step, grads = self._pending
+            self._pending = None
+            ctx = Context(self.seed, step, grads=grads, model=self.model, optimizer=optimizer)
+            assert self.shadow is not None
+            new_masks = self.method.update(step, dict(self.shadow), self.masks, ctx)
+            self._apply_update(step, new_masks, optimizer)
+        self._mask_params()
+
+    def _skip_update(self, step: int) -> None:
+        self.n_skipped_updates += 1
+        log.warning(
+            "step %d: mask update skipped, the dense gradients are not finite "
+            "(an AMP overflow step?); %d skipped so far",
+            step,
+            self.n_skipped_updates,
+        )
 
     # -- per step ---------------------------------------------------------------------------
     def penalty(self, step: int) -> torch.Tensor | None:
@@ -187,23 +308,22 @@ class SparsityEngine:
         """Update the masks if ``step`` is an update step, then mask the gradients.
 
         Call with the dense gradients in place (accumulated, unscaled, DDP-reduced). Returns
-        True on update steps (the masks were recomputed, possibly to the same masks).
+        True on update steps (the masks were recomputed, possibly to the same masks). For a
+        method that keeps pruned values the update runs in the post-hook of this step, from
+        the weights the step produced (see the module docstring); True then says that it
+        will.
         """
         if not self.active or self.masks is None:
             return False
         self._ensure_device()
         self._restore = None
+        if self.keeps_pruned_values:
+            return self._before_step_keeping_values(step, optimizer)
         changed = False
         grads = {n: p.grad for n, p in self.params.items()}
         if self.method.is_update_step(step):
             if getattr(self.method, "needs_dense_grads", False) and not _all_finite(grads):
-                self.n_skipped_updates += 1
-                log.warning(
-                    "step %d: mask update skipped, the dense gradients are not finite "
-                    "(an AMP overflow step?); %d skipped so far",
-                    step,
-                    self.n_skipped_updates,
-                )
+                self._skip_update(step)
             else:
                 old = self.masks
                 ctx = Context(self.seed, step, grads=grads, model=self.model, optimizer=optimizer)
@@ -294,22 +414,27 @@ class SparsityEngine:
         self, step: int, new_masks: Masks, optimizer: torch.optim.Optimizer | None
     ) -> dict[str, torch.Tensor]:
         """Install ``new_masks``; zero dropped weights and the optimizer state of every weight
-        that changed. Returns the grown positions per layer."""
+        that changed. Returns the grown positions per layer. A method that keeps pruned
+        values keeps them (the caller re-applies the masks to the parameters)."""
         old = self.masks
         changed_total = 0
         grown: dict[str, torch.Tensor] = {}
-        # Which optimizer state to zero: at every weight that changed (default), or at every
+        # Which optimizer state to zero: at every weight that changed (default), at every
         # weight inactive after the update (sparse momentum: grown weights keep the momentum
-        # they gathered while inactive, and the inactive ones start gathering afresh).
-        reset_inactive = getattr(self.method, "reset_state", "changed") == "inactive"
+        # they gathered while inactive, and the inactive ones start gathering afresh), or
+        # nowhere ("none": DNS, whose pruned weights keep training).
+        reset_state = getattr(self.method, "reset_state", "changed")
+        keep_values = self.keeps_pruned_values
         for name, param in self.params.items():
             new = new_masks[name]
             flipped = new ^ old[name]
             changed_total += int(flipped.sum())
-            reset = ~new if reset_inactive else flipped
-            if optimizer is not None and bool(reset.any()):
-                _zero_optimizer_state(optimizer, param, reset)
-            param.mul_(new)  # dropped weights become zero; grown ones are zero already
+            if reset_state != "none":
+                reset = ~new if reset_state == "inactive" else flipped
+                if optimizer is not None and bool(reset.any()):
+                    _zero_optimizer_state(optimizer, param, reset)
+            if not keep_values:
+                param.mul_(new)  # dropped weights become zero; grown ones are zero already
             grown[name] = new & ~old[name]
             self.ever_active[name] |= new
         self.masks = new_masks
@@ -390,6 +515,18 @@ class SparsityEngine:
             "adam_resets": {
                 n: (r.nonzero().cpu(), r[r != 0].cpu()) for n, r in self.adam_resets.items()
             },
+            # keeps_pruned_values: the full-precision weights, pruned values included.
+            "shadow": (
+                {n: s.detach().cpu().clone() for n, s in self.shadow.items()}
+                if self.shadow is not None
+                else None
+            ),
+            # The method's own state, if it keeps any (DNS: its thresholds).
+            "method": (
+                self.method.state_dict()
+                if callable(getattr(self.method, "state_dict", None))
+                else None
+            ),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -407,6 +544,22 @@ class SparsityEngine:
             reset[tuple(index.to(device).t())] = values.to(device)
             self.adam_resets[name] = reset
         self._latest_reset = max((int(r.max()) for r in self.adam_resets.values()), default=0)
+        shadow = state.get("shadow")
+        # Without a saved shadow (a checkpoint of a method that zeroes pruned weights) it is
+        # started from the weights when first needed: they are loaded after this call.
+        self.shadow = (
+            {
+                n: s.to(device=self.params[n].device, dtype=self.params[n].dtype).clone()
+                for n, s in shadow.items()
+            }
+            if shadow is not None and self.keeps_pruned_values
+            else None
+        )
+        self._pending = None
+        self._full_in_params = False
+        method_state = state.get("method")
+        if method_state is not None and callable(getattr(self.method, "load_state_dict", None)):
+            self.method.load_state_dict(method_state)
         self.last_stats = (
             {k: v for k, v in self.history[-1].items() if k != "densities"} if self.history else {}
         )
