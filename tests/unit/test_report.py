@@ -513,3 +513,23 @@ def test_a_completed_run_of_sub_runs_is_left_to_its_sub_runs(tmp_path):
         files.results_path(tmp_path / sub).write_text(json.dumps(data))
     found = find_records([tmp_path])
     assert [Path(r.source).name for r in found] == ["level_00"]
+
+
+def test_many_sparsities_are_drawn_on_a_log_density_axis(tmp_path, monkeypatch):
+    from matplotlib.figure import Figure
+
+    from prunelab.report import plots
+
+    axes = []
+    monkeypatch.setattr(Figure, "savefig", lambda fig, *a, **k: axes.extend(fig.axes))
+    few = [rec("imp", sp, seed=0, acc=0.7) for sp in (0.5, 0.9)]
+    plots.plot_accuracy_vs_sparsity(few, tmp_path / "few.png")
+    assert axes[-1].get_xscale() == "linear"
+    levels = [round(1 - 0.8**i, 4) for i in range(1, 16)]  # IMP-like: 15 levels
+    many = [rec("imp", sp, seed=0, acc=0.7) for sp in levels]
+    plots.plot_accuracy_vs_sparsity(many, tmp_path / "many.png")
+    ax = axes[-1]
+    assert ax.get_xscale() == "function"
+    labels = [t.get_text() for t in ax.get_xticklabels()]
+    assert labels == ["50%", "80%", "90%", "95%"]
+    assert plots._from_log_density(plots._log_density(0.99)) == pytest.approx(0.99)

@@ -13,6 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import NullFormatter
@@ -38,6 +39,20 @@ def _colours(names: list[str], group: str) -> dict[str, str]:
     ordered = sorted(set(names), key=lambda name: sort_key(group, name))
     others = [n for n in ordered if n != DENSE]
     return {DENSE: "black", **{n: f"C{i % 10}" for i, n in enumerate(others)}}
+
+
+# Beyond this many sparsities the x axis becomes log(density), labelled at these values.
+MAX_SPARSITY_TICKS = 10
+SPARSITY_TICKS = (0.0, 0.5, 0.8, 0.9, 0.95, 0.98, 0.99, 0.995, 0.998, 0.999)
+
+
+def _log_density(x: Any) -> Any:
+    """Sparsity -> -log10(density): 0% -> 0, 90% -> 1, 99% -> 2."""
+    return -np.log10(np.clip(1.0 - np.asarray(x, dtype=float), 1e-12, None))
+
+
+def _from_log_density(y: Any) -> Any:
+    return 1.0 - np.power(10.0, -np.asarray(y, dtype=float))
 
 
 def _series(table: Table, extra: str | None = None) -> dict[str, dict[str, Any]]:
@@ -110,6 +125,11 @@ def plot_accuracy_vs_sparsity(
             ax.errorbar(s["x"], y, yerr=err, color=colour, marker="o", capsize=3, label=name)
     ax.set_xlabel("sparsity")
     ax.set_ylabel(f"{metric}" + (" (%)" if scale == 100 else ""))
+    if len(xs) > MAX_SPARSITY_TICKS:
+        # Many levels (an IMP run): a density axis on a log scale, as lottery-ticket plots
+        # draw it, labelled at round sparsities.
+        ax.set_xscale("function", functions=(_log_density, _from_log_density))
+        xs = [x for x in SPARSITY_TICKS if min(xs) - 1e-9 <= x <= max(xs) + 1e-9]
     if xs:
         ax.set_xticks(xs)
         ax.set_xticklabels([f"{100 * x:g}%" for x in xs])
