@@ -28,6 +28,9 @@ def test_l0_runs_end_to_end_and_reports_its_distance_to_the_target(compose_cfg, 
     assert sparsity["weights_zero_global"] >= sparsity["global"]
     assert record["best_checkpoint"]["epoch"] is None, "no epoch below target may be best"
     assert "val/acc_best" not in record["metrics"]
+    report = sparsity["method"]  # the record, too, says how far from the target the run ended
+    assert report["target"] == 0.9 and not report["at_target"]
+    assert report["distance"] == pytest.approx(sparsity["global"] - 0.9)
     [line] = [r.getMessage() for r in caplog.records if "gates folded" in r.getMessage()]
     distance = sparsity["global"] - 0.9
     assert f"sparsity {sparsity['global']:.4f}" in line and f"distance {distance:+.4f}" in line

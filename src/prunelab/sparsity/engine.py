@@ -475,6 +475,7 @@ class SparsityEngine:
         total = sum(p.numel() for p in self.params.values())
         zeros_global = sum(zeros[n] * p.numel() for n, p in self.params.items()) / max(total, 1)
         masks = self.masks if self.masks is not None else Masks.dense_like(self.params)
+        report = getattr(self.method, "report", None)
         return {
             "global": masks.sparsity(),
             "pruned_layers": self.pruned_layers_sparsity(),
@@ -486,6 +487,8 @@ class SparsityEngine:
             "n_updates": self.n_updates,
             "n_skipped_updates": self.n_skipped_updates,
             "rank_checks": self.rank_checks,
+            # The method's own account (L0: realised sparsity vs target, gate sparsity).
+            **({"method": report(masks)} if report is not None else {}),
         }
 
     def pruned_layers_sparsity(self) -> float:
