@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +50,7 @@ class RewindCapture(pl.Callback):
         if self.saved or trainer.global_step != self.step:
             return
         state = {k: v.detach().cpu().clone() for k, v in pl_module.model.state_dict().items()}
-        tmp = self.path.with_suffix(".tmp")
+        tmp = self.path.with_suffix(f".{os.getpid()}.tmp")  # every DDP rank writes its own
         torch.save(state, tmp)
         tmp.replace(self.path)
         self.saved = True
@@ -116,6 +117,11 @@ def run_imp(
     method: IterativeMagnitude = built["engine"].method
     model, prunable, datamodule = built["model"], built["prunable"], built["datamodule"]
     parent_hash = record.data["config_hash"]
+    if cfg.get("ckpt_path"):
+        raise ConfigError(
+            "pruning=imp resumes by running the same command in the same folder "
+            "(hydra.run.dir=<its folder>), not from ckpt_path; set ckpt_path=null"
+        )
     _check_folder(run_dir, parent_hash)
     estimate = estimated_steps(cfg, datamodule)
     k = method.rewind_step
@@ -142,10 +148,11 @@ def run_imp(
             return done
         sub_dir.mkdir(parents=True, exist_ok=True)
         level_method = method.for_level(level, mask)
-        model.load_state_dict(weights)
-        engine = SparsityEngine(model, prunable, level_method, seed=seed)
-        if mask is not None:
+        if mask is None:
+            model.load_state_dict(weights)
+        else:
             rewind(model, weights, mask, prunable)
+        engine = SparsityEngine(model, prunable, level_method, seed=seed)
         first = level.index == 0 or k == 0
         total = steps
         module = ClassificationModule(

@@ -4,13 +4,13 @@ rewinding, branches, resume and bad input."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import pytest
 import torch
 
 from prunelab import files
-from prunelab.config import validate
 from prunelab.errors import ConfigError
 from prunelab.report.records import find_records
 from prunelab.sparsity.masks import Masks
@@ -142,8 +142,12 @@ def test_rewind_step_beyond_training_is_an_error_before_training(compose_cfg, tm
         ("pruning.branch=nonexistent", "pruning.branch must be none or one of"),
         ("distribution=erk", "prunes layerwise (distribution=uniform)"),
         ("pruning.level_sparsities=[0.3,0.6]", "set sparsity=0.6"),
+        ("pruning.branch_levels=[0.4]", "0.4 is not the sparsity of a level"),
+        ("ckpt_path=x.ckpt", "not from ckpt_path"),
     ],
 )
-def test_bad_imp_options_fail_validation(compose_cfg, override, message):
-    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
-        validate(compose_cfg(*IMP, override))
+def test_bad_imp_options_fail_before_training(compose_cfg, tmp_path, override, message):
+    run_dir = tmp_path / "imp"
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        train(compose_cfg(*IMP, override, run_dir=run_dir))
+    assert not files.imp_levels_dir(run_dir).exists()
