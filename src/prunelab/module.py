@@ -21,6 +21,7 @@ from torch import nn
 from torchmetrics import MaxMetric, MeanMetric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
+from prunelab.analysis.diagnostics import DisconnectionWatch, diagnostic_metrics, gradient_norms
 from prunelab.methods.base import PruningMethod
 from prunelab.sparsity.engine import SparsityEngine
 
@@ -171,12 +172,19 @@ class ClassificationModule(pl.LightningModule):
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         """Dense gradients are here (accumulated, unscaled, DDP-reduced): update the masks on
         update steps, then mask the gradients."""
-        if self.engine is None or not self.engine.active:
+        engine = self.engine
+        if engine is None or not engine.active:
             return
-        if self.engine.before_optimizer_step(self.global_step, optimizer):
+        step = self.global_step
+        gradients = None
+        if engine.masks is not None and engine.method.is_update_step(step):
+            # Only on update steps: the dense gradients against the masks they were computed
+            # under, before the update changes the masks and masks the gradients.
+            gradients = gradient_norms(engine.masks, {n: p.grad for n, p in engine.params.items()})
+        if engine.before_optimizer_step(step, optimizer):
             if self.trainer.world_size > 1:
                 self._check_masks_agree()
-            self._log_engine(force_layers=True)
+            self._log_engine(force_layers=True, gradients=gradients)
 
     def _check_masks_agree(self) -> None:
         """Under DDP, fail loudly if any rank chose a different mask (at initialisation and
@@ -189,13 +197,28 @@ class ClassificationModule(pl.LightningModule):
             )
         self.engine.rank_checks += 1
 
-    def _log_engine(self, force_layers: bool = False) -> None:
+    def _log_engine(
+        self, force_layers: bool = False, gradients: dict[str, Any] | None = None
+    ) -> None:
+        """Log the engine's last statistics; with ``force_layers`` (at initialisation and at
+        every mask update) also the per-layer sparsity and the masks' diagnostics under
+        ``mask/`` (``gradients``: :func:`~prunelab.analysis.gradient_norms` taken before the
+        update), and warn once per layer that becomes disconnected."""
         if self.engine is None or not self.engine.active or not self.engine.last_stats:
             return
         stats = {k: v for k, v in self.engine.last_stats.items() if k != "step"}
         if force_layers and self.engine.masks is not None:
             for name, value in self.engine.masks.layer_sparsity().items():
                 stats[f"sparsity/{name}"] = value
+            diagnostics = self.engine.diagnostics()
+            if gradients is not None:
+                diagnostics["gradients"] = gradients
+            stats.update(diagnostic_metrics(diagnostics))
+            watch = getattr(self, "_disconnection_watch", None)
+            if watch is None:
+                watch = self._disconnection_watch = DisconnectionWatch()
+            if self.global_rank == 0:
+                watch.check(diagnostics, self.global_step)
         for logger in self.loggers:
             logger.log_metrics(stats, step=self.global_step)
 

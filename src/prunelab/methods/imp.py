@@ -20,6 +20,8 @@ from typing import Any
 
 import torch
 
+# mask_overlap lives with the other mask comparisons; imported from here too.
+from prunelab.analysis.compare import mask_overlap as mask_overlap
 from prunelab.errors import ConfigError
 from prunelab.methods.base import (
     Params,
@@ -381,16 +383,3 @@ def rewind(
     surviving weights hold exactly the saved values."""
     model.load_state_dict(saved)
     masks.apply_(params)
-
-
-def mask_overlap(a: Masks, b: Masks) -> dict[str, Any]:
-    """Jaccard overlap |a ∩ b| / |a ∪ b| of two masks' active weights: over all layers
-    (``global``) and per layer (``layers``); 1.0 where both are empty."""
-    layers, inter_total, union_total = {}, 0, 0
-    for name in a:
-        inter = int((a[name] & b[name]).sum())
-        union = int((a[name] | b[name]).sum())
-        layers[name] = inter / union if union else 1.0
-        inter_total += inter
-        union_total += union
-    return {"global": inter_total / union_total if union_total else 1.0, "layers": layers}

@@ -63,6 +63,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from prunelab.analysis.diagnostics import has_skip_connections, mask_diagnostics
 from prunelab.sparsity.masks import Masks
 
 log = logging.getLogger(__name__)
@@ -470,7 +471,7 @@ class SparsityEngine:
     def sparsity_report(self) -> dict[str, Any]:
         """Sparsity of the masks (global and per layer), the measured fraction of weights that
         are exactly zero (at least the mask's: a regrown weight with zero gradient stays 0),
-        the ITOP rate and update counts."""
+        the ITOP rate, update counts and the masks' health (``diagnostics``)."""
         zeros = self.layer_sparsity()
         total = sum(p.numel() for p in self.params.values())
         zeros_global = sum(zeros[n] * p.numel() for n, p in self.params.items()) / max(total, 1)
@@ -489,7 +490,19 @@ class SparsityEngine:
             "rank_checks": self.rank_checks,
             # The method's own account (L0: realised sparsity vs target, gate sparsity).
             **({"method": report(masks)} if report is not None else {}),
+            # Mask health of the final masks: dead units, empty and disconnected layers.
+            "diagnostics": self.diagnostics(),
         }
+
+    def diagnostics(self, grads: dict[str, torch.Tensor | None] | None = None) -> dict[str, Any]:
+        """Mask-health diagnostics of the masks in force (all-dense before the first ones):
+        dead units, empty/full and disconnected layers and, given ``grads``, the gradient
+        norms of active vs inactive weights (:func:`prunelab.analysis.mask_diagnostics`).
+        The path analysis reads the prunable layers as a chain unless the model has skip
+        connections."""
+        masks = self.masks if self.masks is not None else Masks.dense_like(self.params)
+        chain = self.model is None or not has_skip_connections(self.model)
+        return mask_diagnostics(masks, grads=grads, chain=chain)
 
     def pruned_layers_sparsity(self) -> float:
         """Sparsity over the layers that are not kept dense (what ``budget=pruned`` targets)."""
