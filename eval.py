@@ -1,4 +1,6 @@
-"""Evaluate and export a finished run: `python eval.py outputs/runs/train/<time>`."""
+"""Evaluate and export a finished run, a Hydra app on conf/eval.yaml:
+`python eval.py ckpt_path=outputs/runs/train/<time>/checkpoints/last.ckpt` (or, as before,
+`python eval.py outputs/runs/train/<time> [--checkpoint best]`; `-m ckpt_path=a,b` sweeps)."""
 
 import os
 import sys

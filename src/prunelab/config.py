@@ -23,6 +23,9 @@ _LR_SCHEDULER_INTERVALS = ("step", "epoch")
 # Top-level keys that Hydra itself adds to a composed config.
 _HYDRA_KEYS = frozenset({"hydra"})
 _PACKAGE_HEADER = re.compile(r"^#\s*@package\s+(\S+)")
+# The switches of the root config's ``extras`` block.
+EXTRAS = ("print_config", "enforce_tags", "ignore_warnings")
+_MULTIRUN_FLAGS = ("-m", "--multirun")
 
 
 def _number(cfg: DictConfig, key: str) -> float:
@@ -51,11 +54,11 @@ def _package(path: Path) -> str | None:
     return None
 
 
-def _root_groups(conf_dir: Path) -> list[str]:
-    """The config groups named in the root config's defaults list."""
+def _root_groups(conf_dir: Path, config_name: str = "train") -> list[str]:
+    """The config groups named in a root config's defaults list."""
     import yaml
 
-    root = yaml.safe_load((conf_dir / "train.yaml").read_text()) or {}
+    root = yaml.safe_load((conf_dir / f"{config_name}.yaml").read_text()) or {}
     groups = []
     for entry in root.get("defaults", []):
         if isinstance(entry, dict):
@@ -140,6 +143,123 @@ def validate(cfg: DictConfig) -> None:
     pruning_method(cfg)
     if cfg.get("test_ckpt") not in ("last", "best"):
         raise ConfigError(f"test_ckpt must be 'last' or 'best', got {cfg.get('test_ckpt')!r}")
+    check_extras(cfg)
+    check_callbacks(cfg)
+
+
+def check_extras(cfg: DictConfig) -> None:
+    """``extras`` holds the switches of :data:`EXTRAS`, each true or false (or is absent)."""
+    extras = cfg.get("extras")
+    if extras is None:
+        return
+    if not isinstance(extras, DictConfig):
+        raise ConfigError(
+            f"extras must be a mapping of {', '.join(EXTRAS)}, got {extras!r}; "
+            "e.g. extras.print_config=true"
+        )
+    for key in extras:
+        if key not in EXTRAS:
+            raise ConfigError(
+                f"unknown extras key '{key}'; extras are {', '.join(EXTRAS)} "
+                "(e.g. extras.print_config=true)"
+            )
+        value = extras.get(key)
+        if not isinstance(value, bool):
+            raise ConfigError(
+                f"extras.{key} must be true or false, got {value!r}; e.g. extras.{key}=true"
+            )
+
+
+def check_tags(cfg: DictConfig, multirun: bool) -> None:
+    """With ``extras.enforce_tags``, a multirun sweep must carry ``tags`` (they name the sweep
+    in W&B and in the results records); a single run needs none."""
+    if not (multirun and OmegaConf.select(cfg, "extras.enforce_tags", default=False)):
+        return
+    tags = cfg.get("tags")
+    if not tags:
+        raise ConfigError(
+            "extras.enforce_tags: a multirun sweep needs tags; e.g. 'tags=[rigl,sweep1]' "
+            "(or extras.enforce_tags=false)"
+        )
+
+
+def callback_class(target: str, where: str) -> type:
+    """The class a ``_target_`` names, or a ConfigError naming ``where`` when none is found."""
+    from hydra.utils import get_class
+
+    try:
+        return get_class(target)
+    except Exception:
+        raise ConfigError(
+            f"{where}._target_ '{target}' is not an importable class; check the spelling "
+            "(e.g. pytorch_lightning.callbacks.EarlyStopping)"
+        ) from None
+
+
+def check_callbacks(cfg: DictConfig) -> None:
+    """``callbacks`` maps names to Lightning callbacks, each with a ``_target_`` (or null to
+    drop one). The run's checkpointing stays :class:`RunCheckpoint`: best-checkpoint selection
+    and IMP read it, so any other ModelCheckpoint is refused, as is a second RunCheckpoint;
+    ``patience`` and ``mode`` of early stopping are checked here rather than after the first
+    epoch."""
+    from pytorch_lightning.callbacks import Callback, ModelCheckpoint
+
+    from prunelab.tracking.checkpoint import RunCheckpoint
+
+    callbacks = cfg.get("callbacks")
+    if callbacks is None:
+        return
+    if not isinstance(callbacks, DictConfig):
+        raise ConfigError(
+            f"callbacks must be a mapping of name -> callback, got {callbacks!r}; "
+            f"choose one of: {', '.join(group_options('callbacks'))} (e.g. callbacks=default)"
+        )
+    checkpoints = []
+    for name in callbacks:
+        where = f"callbacks.{name}"
+        node = callbacks.get(name)
+        if node is None:
+            continue
+        target = node.get("_target_") if isinstance(node, DictConfig) else None
+        if not isinstance(target, str):
+            raise ConfigError(
+                f"{where} must be a callback config with a _target_, got {node!r}; "
+                f"e.g. {where}=null to drop it"
+            )
+        cls = callback_class(target, where)
+        if not issubclass(cls, Callback):
+            raise ConfigError(f"{where}._target_ '{target}' is not a Lightning Callback")
+        if issubclass(cls, ModelCheckpoint):
+            if not issubclass(cls, RunCheckpoint):
+                raise ConfigError(
+                    f"{where}: the run's checkpoint callback is "
+                    "prunelab.tracking.checkpoint.RunCheckpoint (best-checkpoint selection and "
+                    f"IMP rely on it); set callbacks.model_checkpoint.monitor/mode instead of "
+                    f"adding {target}"
+                )
+            checkpoints.append(where)
+        if "patience" in node:
+            patience = node.get("patience")
+            if isinstance(patience, bool) or not isinstance(patience, int) or patience < 0:
+                raise ConfigError(
+                    f"{where}.patience must be a non-negative integer, got {patience!r}; "
+                    f"e.g. {where}.patience=5"
+                )
+        if "mode" in node and node.get("mode") not in ("min", "max"):
+            raise ConfigError(
+                f"{where}.mode must be 'min' or 'max', got {node.get('mode')!r}; "
+                f"e.g. {where}.mode=max"
+            )
+        if "monitor" in node and not (isinstance(node.get("monitor"), str) and node.monitor):
+            raise ConfigError(
+                f"{where}.monitor must name a logged metric, got {node.get('monitor')!r}; "
+                f"e.g. {where}.monitor=val/acc"
+            )
+    if len(checkpoints) > 1:
+        raise ConfigError(
+            f"one checkpoint callback per run, got {len(checkpoints)} ({', '.join(checkpoints)}); "
+            "keep callbacks.model_checkpoint"
+        )
 
 
 def pruning_method(cfg: DictConfig):
@@ -177,28 +297,70 @@ def config_groups(conf_dir: Path = CONF_DIR) -> list[str]:
     )
 
 
-def _split_values(value: str) -> list[str]:
-    """The values of a sweep override ``a,b,c`` (or a single value)."""
+def _parse_value(value: str) -> Any:
+    """The parsed value of an override's right-hand side (a ChoiceSweep for ``a,b``), or the
+    text itself when Hydra's grammar rejects it (Hydra reports that later, in its own words)."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    if "," not in value:
-        return [value]
-    parsed = OverridesParser.create().parse_override(f"x={value}")
+    try:
+        parsed = OverridesParser.create().parse_override(f"x={value}")
+    except Exception:
+        return value
     if parsed.is_sweep_override():
         return [str(v) for v in parsed.sweep_string_iterator()]
-    return [value]
+    return parsed
 
 
-def check_overrides(argv: list[str], conf_dir: Path = CONF_DIR) -> None:
+def _split_values(value: str) -> list[str]:
+    """The values of a sweep override ``a,b,c`` (or a single value), as override text: a
+    list value ``[a,b]`` stays one value."""
+    if "," not in value:
+        return [value]
+    parsed = _parse_value(value)
+    return parsed if isinstance(parsed, list) else [value]
+
+
+def _options_named(value: str) -> list[str]:
+    """The group options an override value names: each value of a sweep, each element of a
+    list (``callbacks=[default,early_stopping]`` selects two options of one group)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    names = []
+    for one in _split_values(value):
+        if not one.startswith("["):
+            names.append(one)
+            continue
+        try:
+            parsed = OverridesParser.create().parse_override(f"x={one}").value()
+        except Exception:
+            names.append(one)
+            continue
+        if isinstance(parsed, list):
+            names.extend(str(v) for v in parsed)
+        else:
+            names.append(one)
+    return names
+
+
+def _groups_of(config_name: str, conf_dir: Path) -> list[str]:
+    """The groups a root config lets the command line choose: for train, every top-level
+    folder (as :func:`config_groups`); for another root (eval), its own defaults list."""
+    if config_name == "train":
+        return config_groups(conf_dir)
+    return sorted(g for g in _root_groups(conf_dir, config_name) if g not in ("hydra", "local"))
+
+
+def check_overrides(argv: list[str], conf_dir: Path = CONF_DIR, config_name: str = "train") -> None:
     """Reject unknown config-group options and unknown keys before Hydra starts.
 
     Hydra reports these itself, but over several lines and after its own start-up; checking
-    here gives one line that lists the valid choices.
+    here gives one line that lists the valid choices. ``config_name`` is the root config the
+    command line is for (``train`` or ``eval``).
     """
     if any(arg in _INFO_FLAGS for arg in argv):
         return
     overrides = [a for a in argv if not a.startswith("-") and "=" in a]
-    groups = config_groups(conf_dir)
+    groups = _groups_of(config_name, conf_dir)
     plain: list[str] = []
     for override in overrides:
         key, _, value = override.partition("=")
@@ -207,7 +369,7 @@ def check_overrides(argv: list[str], conf_dir: Path = CONF_DIR) -> None:
         name = key.lstrip("+")
         if name in groups:
             options = group_options(name, conf_dir)
-            for choice in _split_values(value):
+            for choice in _options_named(value):
                 if choice not in options and choice != "null":
                     raise ConfigError(
                         f"unknown {name} '{choice}'; choose one of: {', '.join(options)} "
@@ -216,29 +378,66 @@ def check_overrides(argv: list[str], conf_dir: Path = CONF_DIR) -> None:
         else:
             plain.append(name)
     if plain:
-        _check_keys(overrides, plain, conf_dir)
+        _check_keys(overrides, plain, conf_dir, config_name)
 
 
-def _check_keys(overrides: list[str], keys: list[str], conf_dir: Path) -> None:
-    """Compose once with the group choices (first sweep value) and check every key exists."""
-    from hydra import compose, initialize_config_dir
-
-    groups = set(config_groups(conf_dir))
+def _first_overrides(overrides: list[str], keep: Any = None) -> list[str]:
+    """Overrides with each sweep replaced by its first value (what the first job composes);
+    ``keep(key)`` selects which overrides to keep (default: all)."""
     chosen = []
     for override in overrides:
         key, _, value = override.partition("=")
-        if key in groups:
+        if keep is None or keep(key):
             chosen.append(f"{key}={_split_values(value)[0]}")
+    return chosen
+
+
+def _check_keys(
+    overrides: list[str], keys: list[str], conf_dir: Path, config_name: str = "train"
+) -> None:
+    """Compose once with the group choices (first sweep value) and check every key exists."""
+    from hydra import compose, initialize_config_dir
+
+    groups = set(_groups_of(config_name, conf_dir))
+    chosen = _first_overrides(overrides, keep=lambda key: key in groups)
     with initialize_config_dir(config_dir=str(conf_dir), version_base="1.3"):
-        cfg = compose(config_name="train", overrides=chosen)
+        cfg = compose(config_name=config_name, overrides=chosen)
     for key in keys:
         parent, _, leaf = key.rpartition(".")
         node: Any = OmegaConf.select(cfg, parent) if parent else cfg
         if not isinstance(node, DictConfig) or leaf not in node:
+            script = "train.py" if config_name == "train" else f"{config_name}.py"
             raise ConfigError(
-                f"unknown config key '{key}'; see `python train.py --cfg job` for the keys, "
+                f"unknown config key '{key}'; see `python {script} --cfg job` for the keys, "
                 f"or add a new one with +{key}=..."
             )
+
+
+def check_sweep_tags(
+    argv: list[str], conf_dir: Path = CONF_DIR, config_name: str = "train"
+) -> None:
+    """With ``extras.enforce_tags``, refuse a multirun sweep without ``tags`` before any job
+    starts (one ConfigError line), rather than failing every job of the sweep.
+
+    The config is composed once as the first job would see it; a sweep is ``-m`` on the
+    command line or ``hydra.mode: MULTIRUN`` in the composed config (``hparams_search``).
+    Composition errors are left for Hydra to report.
+    """
+    from hydra import compose, initialize_config_dir
+    from hydra.types import RunMode
+
+    if any(arg in _INFO_FLAGS for arg in argv):
+        return
+    overrides = _first_overrides([a for a in argv if not a.startswith("-") and "=" in a])
+    try:
+        with initialize_config_dir(config_dir=str(conf_dir), version_base="1.3"):
+            cfg = compose(config_name=config_name, overrides=overrides, return_hydra_config=True)
+    except Exception:
+        return
+    if not OmegaConf.select(cfg, "extras.enforce_tags", default=False):
+        return
+    multirun = any(a in _MULTIRUN_FLAGS for a in argv) or cfg.hydra.mode == RunMode.MULTIRUN
+    check_tags(cfg, multirun)
 
 
 def compose_config(overrides: list[str], output_dir: str | Path) -> DictConfig:

@@ -1,25 +1,33 @@
-"""Evaluate and export a finished run: ``python eval.py <run dir>``.
+"""Evaluate and export a finished run: ``python eval.py ckpt_path=<run>/checkpoints/last.ckpt``.
 
 Rebuilds the run's datamodule and model from its results record, loads the checkpoint
 with the engine's masks, measures test accuracy, writes the three exports of
 :func:`prunelab.cost.export.export_all` (plain state dict with zeros in place, compact
 sparse checkpoint, ONNX), reloads each one and measures its test accuracy again (ONNX
 through onnxruntime), and writes ``export/export.json`` with accuracies and file sizes.
+
+``eval.py`` is a Hydra app on ``conf/eval.yaml`` (overrides, ``-m`` sweeps over checkpoints);
+the older form ``python eval.py <run dir> [--checkpoint last|best]`` still works. Mistakes
+(no such checkpoint, no completed run, unknown key) are one ``error:`` line and exit status 2,
+found before Hydra starts.
 """
 
 from __future__ import annotations
 
-import argparse
 import copy
 import logging
+import os
+import re
 import sys
 from pathlib import Path
 from typing import Any
 
+import hydra
 import torch
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 from prunelab import files
+from prunelab.config import CONF_DIR, check_overrides, check_sweep_tags, check_tags
 from prunelab.errors import ConfigError
 from prunelab.tracking.results import read_record, write_json_atomic
 
@@ -37,15 +45,97 @@ def accuracy(predict: Any, batches: Any) -> float:
     return correct / max(total, 1)
 
 
-def load_run(run_dir: Path, which: str = "last") -> dict[str, Any]:
-    """The run's config, datamodule (set up for test), model with checkpoint weights, masks."""
-    from prunelab.train import build
+CHECKPOINTS = ("last", "best")
+# Hydra's command-line flags that take a value (not a run folder), and --info's values.
+_VALUE_FLAGS = frozenset(
+    {"--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name", "-cn"}
+    | {"--config-dir", "-cd", "--experimental-rerun"}
+)
+_INFO_FLAGS = frozenset({"--info", "-i"})
+_INFO_VALUES = frozenset({"all", "config", "defaults", "defaults-tree", "plugins", "searchpath"})
+_CHECKPOINT_KEYS = ("ckpt_path", "run_dir", "checkpoint")
+# Flags after which Hydra runs no job (help, config printing).
+_NO_RUN_FLAGS = frozenset(
+    {"--help", "-h", "--hydra-help", "--cfg", "-c", "--info", "-i", "--shell-completion"}
+)
+# Jobs of this process's sweep that failed (the exit status says so at the end).
+_failed_jobs: list[str] = []
 
+
+def check_run(run_dir: Path) -> None:
+    """A run folder must hold a completed results record (one ConfigError line otherwise)."""
     record = read_record(run_dir)
     if record is None or record.get("status") != "completed":
         raise ConfigError(f"{run_dir} has no completed {files.RESULTS}; pass a finished run")
-    name = files.LAST_CHECKPOINT if which == "last" else files.BEST_CHECKPOINT
-    ckpt_path = files.checkpoint_dir(run_dir) / name
+
+
+def _run_of(ckpt: Path) -> Path:
+    """The run folder of a checkpoint file: the nearest folder above it with a results record
+    (relative when ``ckpt`` is)."""
+    for folder in Path(os.path.abspath(ckpt)).parents:
+        if files.results_path(folder).is_file():
+            return folder if ckpt.is_absolute() else Path(os.path.relpath(folder))
+    raise ConfigError(
+        f"no {files.RESULTS} above {ckpt}; pass a checkpoint inside a run folder "
+        f"(<run>/{files.CHECKPOINT_DIR}/{files.LAST_CHECKPOINT})"
+    )
+
+
+def resolve_checkpoint(
+    ckpt_path: str | Path | None = None,
+    run_dir: str | Path | None = None,
+    checkpoint: str = "last",
+) -> tuple[Path, Path, str]:
+    """``(run folder, checkpoint file, label)`` for eval's options, checked to exist and to
+    belong to a completed run; ``label`` is ``last`` or ``best`` for the run's own files, else
+    the file name. Raises ConfigError (one line) on any mistake, before anything is loaded.
+    """
+    if checkpoint not in CHECKPOINTS:
+        raise ConfigError(
+            f"checkpoint must be last or best, got {checkpoint!r}; e.g. checkpoint=best"
+        )
+    if ckpt_path is None and run_dir is None:
+        raise ConfigError(
+            "no checkpoint given; e.g. python eval.py ckpt_path=<run>/checkpoints/last.ckpt "
+            "(or python eval.py <run folder>)"
+        )
+    if ckpt_path is not None and run_dir is not None:
+        raise ConfigError(f"pass ckpt_path or run_dir, not both (got {ckpt_path} and {run_dir})")
+    if ckpt_path is not None and not Path(ckpt_path).is_dir():
+        ckpt = Path(ckpt_path)
+        if not ckpt.is_file():
+            raise ConfigError(f"no checkpoint {ckpt}; pass an existing .ckpt file or a run folder")
+        run = _run_of(ckpt)
+        check_run(run)
+        names = {files.LAST_CHECKPOINT: "last", files.BEST_CHECKPOINT: "best"}
+        own = ckpt.resolve().parent == files.checkpoint_dir(run).resolve()
+        return run, ckpt, names[ckpt.name] if own and ckpt.name in names else ckpt.name
+    run = Path(ckpt_path if ckpt_path is not None else run_dir)
+    check_run(run)
+    name = files.LAST_CHECKPOINT if checkpoint == "last" else files.BEST_CHECKPOINT
+    ckpt = files.checkpoint_dir(run) / name
+    if not ckpt.is_file():
+        other = "best" if checkpoint == "last" else "last"
+        raise ConfigError(f"no checkpoint {ckpt}; try checkpoint={other} (--checkpoint {other})")
+    return run, ckpt, checkpoint
+
+
+def load_run(
+    run_dir: Path, which: str = "last", ckpt_path: str | Path | None = None
+) -> dict[str, Any]:
+    """The run's config, datamodule (set up for test), model with checkpoint weights, masks.
+
+    ``ckpt_path`` names the checkpoint file (default: the run's ``which`` = last or best).
+    """
+    from prunelab.train import build
+
+    run_dir = Path(run_dir)
+    check_run(run_dir)
+    record = read_record(run_dir)
+    if ckpt_path is None:
+        name = files.LAST_CHECKPOINT if which == "last" else files.BEST_CHECKPOINT
+        ckpt_path = files.checkpoint_dir(run_dir) / name
+    ckpt_path = Path(ckpt_path)
     if not ckpt_path.is_file():
         raise ConfigError(f"no checkpoint {ckpt_path}; use --checkpoint last or best")
     cfg = OmegaConf.create(record["config"])
@@ -60,18 +150,29 @@ def load_run(run_dir: Path, which: str = "last") -> dict[str, Any]:
     return {"record": record, "model": model, "masks": engine.masks, "datamodule": datamodule}
 
 
-def evaluate_and_export(run_dir: str | Path, which: str = "last") -> dict[str, Any]:
-    """Export the run's model three ways and check each reload's test accuracy."""
+def evaluate_and_export(
+    run_dir: str | Path,
+    which: str = "last",
+    ckpt_path: str | Path | None = None,
+    export_dir: str | Path | None = None,
+) -> dict[str, Any]:
+    """Export the run's model three ways and check each reload's test accuracy.
+
+    ``ckpt_path`` evaluates that checkpoint file instead of the run's ``which`` (last or
+    best); ``export_dir`` is where the files and ``export.json`` go (default: the run's
+    ``export/``).
+    """
     import onnxruntime
 
     from prunelab.cost.export import export_all, load_sparse_checkpoint
 
     run_dir = Path(run_dir)
-    run = load_run(run_dir, which)
+    out = Path(export_dir) if export_dir is not None else files.export_dir(run_dir)
+    run = load_run(run_dir, which, ckpt_path)
     model, masks, dm = run["model"], run["masks"], run["datamodule"]
     shape = tuple(dm.input_shape)
     test = list(dm.test_dataloader())
-    paths = export_all(model, masks, shape, files.export_dir(run_dir))
+    paths = export_all(model, masks, shape, out)
     reference = accuracy(model, test)
 
     plain = copy.deepcopy(model)
@@ -85,6 +186,12 @@ def evaluate_and_export(run_dir: str | Path, which: str = "last") -> dict[str, A
     report = {
         "run_dir": str(run_dir),
         "checkpoint": which,
+        "ckpt_path": str(
+            ckpt_path
+            if ckpt_path is not None
+            else files.checkpoint_dir(run_dir)
+            / (files.LAST_CHECKPOINT if which == "last" else files.BEST_CHECKPOINT)
+        ),
         "test_acc": {
             "checkpoint": reference,
             "state_dict": accuracy(plain.eval(), test),
@@ -95,23 +202,161 @@ def evaluate_and_export(run_dir: str | Path, which: str = "last") -> dict[str, A
         "files": {name: str(path) for name, path in paths.items()},
     }
     report["sparse_vs_state_dict"] = report["bytes"]["state_dict"] / report["bytes"]["sparse"]
-    write_json_atomic(files.export_dir(run_dir) / files.EXPORT_REPORT, report)
+    write_json_atomic(out / files.EXPORT_REPORT, report)
     return report
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Evaluate and export a finished prunelab run.")
-    parser.add_argument("run_dir", help="a run folder (holds results.json and checkpoints/)")
-    parser.add_argument("--checkpoint", choices=("last", "best"), default="last")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING)
+def _is_multirun() -> bool:
     try:
-        report = evaluate_and_export(args.run_dir, args.checkpoint)
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        return HydraConfig.get().mode == RunMode.MULTIRUN
+    except Exception:
+        return False
+
+
+def evaluate(cfg: DictConfig) -> dict[str, Any]:
+    """One eval job: the composed ``conf/eval.yaml`` -> :func:`evaluate_and_export`."""
+    from prunelab.config import check_extras
+    from prunelab.tracking.extras import apply_extras
+
+    check_extras(cfg)
+    check_tags(cfg, _is_multirun())
+    run_dir, ckpt, which = resolve_checkpoint(
+        cfg.get("ckpt_path"), cfg.get("run_dir"), str(cfg.get("checkpoint", "last"))
+    )
+    apply_extras(cfg)
+    export_dir = cfg.get("export_dir")
+    return evaluate_and_export(run_dir, which, ckpt_path=ckpt, export_dir=export_dir)
+
+
+def print_report(report: dict[str, Any]) -> None:
+    """The accuracies and sizes of :func:`evaluate_and_export`'s report, one line each."""
+    print(f"{report['ckpt_path']}:")
     for name, acc in report["test_acc"].items():
         size = report["bytes"].get(name)
         print(f"{name:>11}: test/acc {acc:.6f}" + (f"  {size:,} bytes" if size else ""))
     print(f"sparse checkpoint is {report['sparse_vs_state_dict']:.2f}x smaller than the state dict")
-    return 0
+
+
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="eval")
+def _hydra_main(cfg: DictConfig) -> float | None:
+    try:
+        report = evaluate(cfg)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        if _is_multirun():  # one bad checkpoint must not stop the sweep
+            _failed_jobs.append(str(err))
+            return None
+        sys.exit(2)
+    except Exception as err:
+        if _is_multirun():
+            log.exception("eval job failed; the sweep goes on")
+            _failed_jobs.append(str(err))
+            return None
+        raise
+    print_report(report)
+    return report["test_acc"]["checkpoint"]
+
+
+def _quote(value: str) -> str:
+    """A command-line value as a quoted Hydra string (any path survives Hydra's grammar).
+
+    In a quoted Hydra string backslashes are literal except before a quote (or the closing
+    quote), where each pair stands for one; a quote is escaped with one."""
+
+    def escape(match: re.Match) -> str:
+        return match.group(1) * 2 + ("\\'" if match.group(2) else "")
+
+    return "'" + re.sub(r"(\\*)('|$)", escape, value) + "'"
+
+
+def legacy_argv(argv: list[str]) -> list[str]:
+    """Translate the older ``eval.py <run dir> [--checkpoint last|best]`` into overrides
+    (``run_dir=... checkpoint=...``); Hydra's own flags and overrides pass unchanged."""
+    out: list[str] = []
+    runs: list[str] = []
+    i = 0
+    while i < len(argv):
+        arg, following = argv[i], argv[i + 1] if i + 1 < len(argv) else None
+        if arg == "--checkpoint" and following is not None:
+            out.append(f"checkpoint={following}")
+            i += 2
+        elif following is not None and (
+            arg in _VALUE_FLAGS or (arg in _INFO_FLAGS and following in _INFO_VALUES)
+        ):
+            out.extend((arg, following))
+            i += 2
+        else:
+            if arg.startswith("--checkpoint="):
+                out.append(f"checkpoint={arg.partition('=')[2]}")
+            elif not arg.startswith("-") and ("=" not in arg or Path(arg).exists()):
+                runs.append(arg)
+            else:
+                out.append(arg)
+            i += 1
+    if len(runs) > 1:
+        raise ConfigError(
+            f"one run folder at a time, got {len(runs)}; for several, sweep: "
+            "python eval.py -m ckpt_path=<run a>,<run b>"
+        )
+    return [*(f"run_dir={_quote(r)}" for r in runs), *out]
+
+
+def _values(argv: list[str], key: str) -> list[Any] | None:
+    """The values the last override of ``key`` on the command line gives (each of a sweep);
+    ``[None]`` when there is none; None when one cannot be checked here (an interpolation or
+    a value Hydra's grammar rejects: the job, or Hydra, reports it)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    for arg in reversed(argv):
+        if arg.startswith("-") or arg.partition("=")[0].lstrip("+") != key:
+            continue
+        try:
+            parsed = OverridesParser.create().parse_override(arg)
+        except Exception:
+            return None
+        values = list(parsed.sweep_iterator()) if parsed.is_sweep_override() else [parsed.value()]
+        if any("${" in str(v) for v in values):
+            return None
+        return [None if v is None else str(v) for v in values]
+    return [None]
+
+
+def check_checkpoints(argv: list[str]) -> None:
+    """Every checkpoint the command line names exists and belongs to a completed run (one
+    ConfigError line otherwise), checked before Hydra starts; each job checks again."""
+    if any(a in _NO_RUN_FLAGS for a in argv):
+        return
+    ckpts, runs, names = (_values(argv, key) for key in _CHECKPOINT_KEYS)
+    if ckpts is None or runs is None or names is None:
+        return
+    for ckpt in ckpts:
+        for run in runs:
+            for name in names:
+                resolve_checkpoint(ckpt, run, name if name is not None else "last")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console entry of ``eval.py``: check the command line, then run the Hydra app.
+
+    Returns 0, or 2 after a one-line error (also when a job of a sweep failed).
+    """
+    os.environ.setdefault("PROJECT_ROOT", str(CONF_DIR.parent))
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        argv = legacy_argv(argv)
+        check_overrides(argv, config_name="eval")
+        check_sweep_tags(argv, config_name="eval")
+        check_checkpoints(argv)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    saved, sys.argv = sys.argv, [sys.argv[0], *argv]
+    _failed_jobs.clear()
+    try:
+        _hydra_main()
+    finally:
+        sys.argv = saved
+    return 2 if _failed_jobs else 0

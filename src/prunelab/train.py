@@ -17,7 +17,15 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from prunelab import files
-from prunelab.config import CONF_DIR, check_overrides, pruning_method, validate
+from prunelab.config import (
+    CONF_DIR,
+    callback_class,
+    check_overrides,
+    check_sweep_tags,
+    check_tags,
+    pruning_method,
+    validate,
+)
 from prunelab.errors import ConfigError
 from prunelab.tracking import wandb_setup
 from prunelab.tracking.results import (
@@ -330,14 +338,49 @@ def _scalar_metrics(metrics: dict[str, Any]) -> dict[str, float]:
     return out
 
 
+def _measured_callbacks(callbacks: Any) -> dict[str, Any]:
+    """The callbacks that change what a run measures: early stopping does, a model summary
+    does not, nor does the checkpoint callback with the settings every run had before it
+    became configurable (best by val/acc, max)."""
+    from pytorch_lightning.callbacks import ModelSummary
+
+    from prunelab.tracking.checkpoint import RunCheckpoint
+
+    kept = {}
+    for name, node in (callbacks or {}).items():
+        if not isinstance(node, dict):
+            continue
+        try:
+            cls = callback_class(str(node.get("_target_")), f"callbacks.{name}")
+        except ConfigError:
+            cls = None
+        if cls is not None and issubclass(cls, ModelSummary):
+            continue
+        settings = {k: v for k, v in node.items() if k != "_target_"}
+        if (
+            cls is not None
+            and issubclass(cls, RunCheckpoint)
+            and settings in ({}, {"monitor": "val/acc", "mode": "max"})
+        ):
+            continue
+        kept[name] = node
+    return kept
+
+
 def _cell_hash(cfg: DictConfig) -> str:
     """The experiment cell of a config: its hash without seed, paths and logger, computed on
     the config as written. The dense baseline ignores ``sparsity``, so it is hashed with
     sparsity 0: a sweep over sparsities shares one dense cell (and skip_completed runs it
-    once per seed)."""
+    once per seed). ``extras`` and the callbacks that do not change the measurement (see
+    :func:`_measured_callbacks`) are left out, so the default callbacks hash as a run made
+    before callbacks were configurable."""
     unresolved = OmegaConf.to_container(cfg, resolve=False)
     if OmegaConf.select(cfg, "pruning.name") == "dense":
         unresolved["sparsity"] = 0.0
+    unresolved.pop("extras", None)
+    callbacks = _measured_callbacks(unresolved.pop("callbacks", None))
+    if callbacks:
+        unresolved["callbacks"] = callbacks
     return config_hash(unresolved)
 
 
@@ -350,10 +393,13 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> dict[str, Any]:
     """
     import pytorch_lightning as pl
 
+    from prunelab.tracking.extras import apply_extras
+
     run_dir = Path(cfg.paths.output_dir)
     try:
         validate(cfg)
         _check_skip_completed(cfg)
+        check_tags(cfg, _is_multirun())
     except ConfigError as err:
         if _is_multirun():  # the sweep's table must show this cell as failed
             unresolved = OmegaConf.to_container(cfg, resolve=False)
@@ -361,6 +407,7 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> dict[str, Any]:
                 run_dir, unresolved, seed=cfg.get("seed", 0), config_hash=_cell_hash(cfg)
             ).fail(err)
         raise
+    apply_extras(cfg)
     config = OmegaConf.to_container(cfg, resolve=True)
     # Hash the config as written (interpolations such as dataset.seed=${seed} unresolved),
     # so that seeds and machines do not change an experiment cell's name.
@@ -403,6 +450,37 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> dict[str, Any]:
         wandb_setup.finish()
 
 
+def _callbacks(cfg: DictConfig, run_dir: Path) -> tuple[Any, list]:
+    """The run's checkpoint callback and the other callbacks of ``cfg.callbacks``.
+
+    The checkpoint callback is a :class:`RunCheckpoint` writing to ``run_dir`` (a run's, or
+    an IMP level's, folder): the one configured (``callbacks.model_checkpoint``: monitor,
+    mode) or, when none is (``callbacks=none``), one with the defaults; every run has it.
+    Each other entry is instantiated afresh (null entries are dropped), so every IMP level
+    gets its own early-stopping state. With ``trainer.overfit_batches`` the training batches
+    are pinned to the same ones every epoch (:class:`SameBatchesEachEpoch`).
+    """
+    from prunelab.tracking.checkpoint import RunCheckpoint
+
+    checkpoint = None
+    others: list = []
+    node = cfg.get("callbacks") or {}
+    for name in node:
+        sub = node.get(name)
+        if sub is None:
+            continue
+        where = f"callbacks.{name}"
+        if issubclass(callback_class(str(sub.get("_target_")), where), RunCheckpoint):
+            checkpoint = _instantiate(sub, where, run_dir=run_dir)
+        else:
+            others.append(_instantiate(sub, where))
+    if cfg.trainer.get("overfit_batches"):
+        from prunelab.tracking.overfit import SameBatchesEachEpoch
+
+        others.append(SameBatchesEachEpoch())
+    return checkpoint if checkpoint is not None else RunCheckpoint(run_dir), others
+
+
 def fit_and_record(
     cfg: DictConfig,
     built: dict[str, Any],
@@ -427,7 +505,6 @@ def fit_and_record(
     the record's sparsity target (default: from the method and ``cfg.sparsity``). Errors
     propagate: the caller fails the record.
     """
-    from prunelab.tracking.checkpoint import RunCheckpoint
     from prunelab.tracking.profiler import NullProfiler
     from prunelab.tracking.progress import ThrottledRichProgressBar
 
@@ -435,7 +512,7 @@ def fit_and_record(
         config = OmegaConf.to_container(cfg, resolve=True)
     unpruned = _unpruned(built)
     _check_cost_meter(cfg, built)
-    checkpoint = RunCheckpoint(run_dir)
+    checkpoint, configured = _callbacks(cfg, run_dir)
     progress = []
     if cfg.trainer.get("enable_progress_bar", True):
         progress.append(ThrottledRichProgressBar(leave=True))
@@ -446,7 +523,7 @@ def fit_and_record(
             cfg.trainer,
             "trainer",
             logger=loggers,
-            callbacks=[checkpoint, *progress, *(callbacks or [])],
+            callbacks=[checkpoint, *configured, *progress, *(callbacks or [])],
             default_root_dir=str(run_dir),
             **({} if cfg.trainer.get("profiler") else {"profiler": NullProfiler()}),
             **(trainer_kwargs or {}),
@@ -519,6 +596,7 @@ def main() -> None:
     os.environ.setdefault("PROJECT_ROOT", str(CONF_DIR.parent))
     try:
         check_overrides(sys.argv[1:])
+        check_sweep_tags(sys.argv[1:])
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
