@@ -170,3 +170,25 @@ def test_sparse_inference_headline_is_dense_over_sparse_latency_at_90():
     speedup = _headline(lines, "speedup_90")
     assert speedup == printed
     assert speedup == pytest.approx(dense_ms / sparse_ms, rel=0.01, abs=0.01)
+
+
+# -- bench_structured ----------------------------------------------------------------------------
+def test_structured_headline_is_vgg16_dense_over_compacted_latency_at_batch_64():
+    lines = _run("scripts/bench_structured.py", "--quick", "--threads", "1")
+    rows = {}
+    for line in lines:
+        m = re.match(
+            r"(ResNet-20|VGG-16) +(\d+) +(\d+\.\d+) +(\d+\.\d+) +(\d+\.\d+)x +(\d+\.\d+)x", line
+        )
+        if m:
+            rows[(m.group(1), int(m.group(2)))] = [float(v) for v in m.groups()[2:]]
+    assert set(rows) == {("ResNet-20", 1), ("ResNet-20", 64), ("VGG-16", 1), ("VGG-16", 64)}
+    for label in ("ResNet-20", "VGG-16"):
+        info = next(line for line in lines if line.startswith(f"{label}: "))
+        # the timed compacted model computes what the masked model does
+        assert float(re.search(r"max \|compacted - masked\| (\S+)$", info).group(1)) < 1e-4
+        assert rows[(label, 64)][3] > 2.0  # MAC reduction, counted on both models
+    dense_ms, compact_ms, printed, _ = rows[("VGG-16", 64)]
+    speedup = _headline(lines, "speedup_structured")
+    assert speedup == printed
+    assert speedup == pytest.approx(dense_ms / compact_ms, rel=0.01, abs=0.01)
