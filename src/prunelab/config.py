@@ -140,11 +140,79 @@ def validate(cfg: DictConfig) -> None:
             f"weight_decay_norm_bias must be true or false, got {norm_bias!r}; "
             "e.g. weight_decay_norm_bias=false"
         )
+    wandb_artifacts = OmegaConf.select(cfg, "logger.wandb.artifacts", default=True)
+    if not isinstance(wandb_artifacts, bool):
+        raise ConfigError(
+            f"logger.wandb.artifacts must be true or false, got {wandb_artifacts!r}; "
+            "e.g. logger.wandb.artifacts=false"
+        )
     pruning_method(cfg)
     if cfg.get("test_ckpt") not in ("last", "best"):
         raise ConfigError(f"test_ckpt must be 'last' or 'best', got {cfg.get('test_ckpt')!r}")
     check_extras(cfg)
     check_callbacks(cfg)
+    optimized_metrics(cfg)
+
+
+def optimized_metrics(cfg: DictConfig) -> list[str]:
+    """The names in ``optimized_metric``: none, one, or a list (a multi-objective sweep),
+    checked before training. Each is a distinct non-empty string; ``cost/<key>`` (or
+    ``cost.<key>``) must be a numeric key of the cost meter that this config measures; under
+    an Optuna sweeper there is one name per ``hydra.sweeper.direction``. Metric names can
+    only be looked up in the record's ``metrics`` once the run has ended."""
+    value = cfg.get("optimized_metric")
+    example = "e.g. 'optimized_metric=[val/acc_best,cost/flops_train]'"
+    items = [] if value is None else list(value) if OmegaConf.is_list(value) else [value]
+    if (value is not None and not items) or not all(isinstance(n, str) and n for n in items):
+        raise ConfigError(
+            f"optimized_metric must be a name or a list of names, got {value!r}; {example}"
+        )
+    if len(set(items)) < len(items):
+        raise ConfigError(f"optimized_metric names a metric twice: {items}; {example}")
+    costs = (
+        "flops_train, flops_train_x_dense, flops_infer_sparse, macs_infer_sparse, "
+        "macs_prunable_sparse, params_nonzero, params_prunable_nonzero, bytes_csr, bytes_bitmask, "
+        "bytes_int8_sparse, energy_uj_estimate_sparse, density_prunable, compression_ratio, "
+        "theoretical_speedup, latency_ms/<dense|masked|sparse|compact>/b<batch>"
+    )
+    pattern = re.compile(
+        r"flops_train(_dense|_x_dense)?|(flops|macs)_infer_(dense|sparse)|macs_prunable_(dense|sparse)"
+        r"|params_(total|nonzero|prunable|prunable_nonzero)|bytes_(dense_fp32|csr|bitmask|int8_sparse)"
+        r"|energy_uj_estimate_(dense|sparse)(_compute|_weights|_activations)?|energy_ratio_estimate"
+        r"|density_prunable|compression_ratio|theoretical_speedup"
+        r"|(latency_ms|peak_tensor_alloc_mb|peak_cuda_alloc_mb)/(dense|masked|sparse|compact)/b(\d+)"
+    )
+    settings = cfg.get("cost") or {}
+    for name in (n for n in items if n.startswith(("cost/", "cost."))):
+        match = pattern.fullmatch(name[len("cost/") :])
+        if match is None:
+            raise ConfigError(
+                f"optimized_metric '{name}' is not a cost of the run; cost keys: {costs}"
+            )
+        if not settings.get("enabled", True):
+            raise ConfigError(f"optimized_metric '{name}' needs cost.enabled=true")
+        batch = match.group(match.re.groups)
+        if batch is not None and not settings.get("latency", True):
+            raise ConfigError(f"optimized_metric '{name}' is measured only with cost.latency=true")
+        if batch is not None and int(batch) not in list(settings.get("latency_batch_sizes") or ()):
+            raise ConfigError(
+                f"optimized_metric '{name}': batch {batch} is not timed; add it to "
+                "cost.latency_batch_sizes (e.g. cost.latency_batch_sizes=[1,256])"
+            )
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        directions = HydraConfig.get().sweeper.get("direction")
+    except Exception:  # outside a Hydra app, or a sweeper without directions
+        directions = None
+    if directions is not None and items:
+        count = len(directions) if OmegaConf.is_list(directions) else 1
+        if count != len(items):
+            raise ConfigError(
+                f"optimized_metric names {len(items)} value(s) but hydra.sweeper.direction has "
+                f"{count}; give one name per direction, {example}"
+            )
+    return items
 
 
 def check_extras(cfg: DictConfig) -> None:

@@ -1,5 +1,6 @@
 """Trade-off figures from many records: accuracy vs sparsity, accuracy vs training FLOPs,
-and the sparsity curves (global sparsity, mask turnover, ITOP rate) of every run.
+the sparsity curves (global sparsity, mask turnover, ITOP rate) of every run, and the Pareto
+front of accuracy against a cost (any sweep, e.g. a multi-objective Optuna search).
 
 Each function writes one PNG and returns its path, or None when the records hold nothing
 to draw (no completed run, no FLOPs field, no sparsity curve). Error bars are the sample
@@ -10,6 +11,8 @@ involved, whatever backend the caller uses.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -217,6 +220,123 @@ def plot_sparsity_curves(
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize="small")
     return _save(fig, path)
+
+
+def pareto_front(points: Sequence[Sequence[Any]]) -> list[Sequence[Any]]:
+    """The points no other point dominates, for minimising x and maximising y.
+
+    Each point is a sequence whose first two items are x (a cost) and y (a score); further
+    items ride along (a record, a label). A point is dominated when another has x <= and
+    y >= with at least one strict. The front comes sorted by x (so y increases along it);
+    points with equal x and y are all kept, in their input order; a point whose x or y is
+    None or NaN is left out. Pure: the points are returned, not copied.
+    """
+
+    def usable(value: Any) -> bool:
+        return value is not None and not isinstance(value, bool) and float(value) == float(value)
+
+    valid = [p for p in points if usable(p[0]) and usable(p[1])]
+    ordered = sorted(valid, key=lambda p: (float(p[0]), -float(p[1])))  # stable: ties keep order
+    front: list[Sequence[Any]] = []
+    for point in ordered:
+        x, y = float(point[0]), float(point[1])
+        if not front:
+            front.append(point)
+            continue
+        last_x, last_y = float(front[-1][0]), float(front[-1][1])
+        if y > last_y or (y == last_y and x == last_x):
+            front.append(point)
+    return front
+
+
+def _cost_name(cost_key: str) -> str:
+    """'cost.flops_train' or 'cost/flops_train' -> 'flops_train'."""
+    for prefix in ("cost.", "cost/"):
+        if cost_key.startswith(prefix):
+            return cost_key[len(prefix) :]
+    return cost_key
+
+
+def pareto_points(
+    records: list[Record], metric: str, cost_key: str
+) -> list[tuple[float, float, Record]]:
+    """(cost, metric, record) of every completed record that has both numbers."""
+    points = []
+    for record in records:
+        if not record.completed:
+            continue
+        x, y = record.number(cost_key), record.number(metric)
+        if x is not None and y is not None and not (math.isnan(x) or math.isnan(y)):
+            points.append((x, y, record))
+    return points
+
+
+def _trial_label(record: Record, group: str) -> str:
+    sparsity = record.number("sparsity")
+    level = "" if sparsity is None or record.is_dense else f" {100 * sparsity:.3g}%"
+    return f"{_label(record.get(group))}{level}"
+
+
+def plot_pareto(
+    records: list[Record],
+    path: str | Path,
+    metric: str = "test/acc",
+    cost_key: str = FLOPS_TRAIN,
+    group: str = "pruning",
+    scale: float = 100,
+) -> Path | None:
+    """``metric`` against ``cost_key`` for every completed run (dots, one colour per
+    ``group`` value) and their Pareto front (maximise the metric, minimise the cost) as a
+    step line through the front's runs, each labelled with its method and sparsity. The x
+    axis is logarithmic when the costs span more than a decade. Returns None when no
+    completed run has both values.
+    """
+    points = pareto_points(records, metric, cost_key)
+    if not points:
+        return None
+    front = pareto_front(points)
+    fig, ax = _figure(7, 4.5)
+    names = [_label(r.get(group)) for _, _, r in points]
+    colours = _colours(names, group)
+    for name in sorted(set(names), key=lambda n: sort_key(group, n)):
+        mine = [(x, y) for (x, y, _), n in zip(points, names, strict=True) if n == name]
+        ax.scatter(
+            [x for x, _ in mine],
+            [y * scale for _, y in mine],
+            color=colours.get(name, "black"),
+            alpha=0.6,
+            s=25,
+            label=name,
+        )
+    fx = [p[0] for p in front]
+    fy = [p[1] * scale for p in front]
+    ax.step(fx, fy, where="post", color="black", linewidth=1.2, label="Pareto front")
+    ax.scatter(fx, fy, facecolors="none", edgecolors="black", s=80, linewidths=1.2)
+    for x, y, record in front:
+        ax.annotate(
+            _trial_label(record, group),
+            (x, y * scale),
+            textcoords="offset points",
+            xytext=(4, -10),
+            fontsize="x-small",
+        )
+    xs = [p[0] for p in points]
+    if min(xs) > 0 and max(xs) > 10 * min(xs):
+        ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.set_xlabel(f"{cost_key} (lower is better)")
+    ax.set_ylabel(f"{metric}" + (" (%)" if scale == 100 else "") + " (higher is better)")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(title=group, fontsize="small")
+    ax.set_title(
+        f"Pareto front: {metric} vs {_cost_name(cost_key)} ({len(front)} of {len(points)} runs)"
+    )
+    return _save(fig, path)
+
+
+def pareto_filename(cost_key: str) -> str:
+    """The PNG name of the Pareto figure for ``cost_key``: 'pareto_flops_train.png'."""
+    return "pareto_" + "".join(c if c.isalnum() else "_" for c in _cost_name(cost_key)) + ".png"
 
 
 def plot_all(
