@@ -160,9 +160,19 @@ GOOD_SCHEDULES = {
     "han": {"kind": "iterative", "begin": 0.25, "end": 0.75},
     "l0": {"kind": "fixed"},
     "dns": {"kind": "polynomial", "begin": 0.0, "end": 0.75, "frequency": 100, "power": 3},
+    "structured_l1": {"kind": "one_shot", "at": 0.5, "at_epoch": None},
+    "neuron_sensitivity": {"kind": "one_shot", "at": 0.5, "at_epoch": None},
+    "taylor": {"kind": "polynomial", "begin": 0.0, "end": 0.75, "frequency": 100, "power": 3},
+    "block": {"kind": "one_shot", "at": 0.5, "at_epoch": None},
 }
 # Distributions other than ERK for the methods that take only some.
-GOOD_DISTRIBUTIONS = {"imp": "uniform"}
+GOOD_DISTRIBUTIONS = {
+    "imp": "uniform",
+    "structured_l1": "uniform",
+    "neuron_sensitivity": "global",
+    "taylor": "uniform",
+    "block": "global",
+}
 
 
 def test_every_registered_method_has_a_schedule_here():

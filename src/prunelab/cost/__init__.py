@@ -14,6 +14,7 @@ Pure torch (no Lightning, no Hydra). One module per concern:
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -47,6 +48,9 @@ from prunelab.cost.training import (
 )
 from prunelab.errors import ConfigError
 from prunelab.models import prunable_parameters
+from prunelab.structured import CompactionReport, compact_with_report
+
+log = logging.getLogger(__name__)
 
 
 def cost_report(
@@ -90,10 +94,17 @@ def cost_report(
     - ``energy_uj_estimate_dense`` / ``_sparse`` (+ ``_compute``/``_weights``/``_activations``
       parts, ``energy_ratio_estimate``): Horowitz-table estimate, batch 1, sparse weights read
       in CSR (:mod:`.energy`);
+    - when the masks prune whole channels/neurons (an output row all masked) and the model
+      can be compacted (:func:`structured_compaction`): ``params_compact`` (parameters of
+      the physically smaller model), ``flops_infer_compact`` / ``macs_infer_compact`` (its
+      dense forward cost, counted by the FLOP counter on the compacted model),
+      ``compact_speedup`` = dense / compacted forward FLOPs and ``channels_removed`` (how
+      many channels compaction removed);
     - with ``measure_latency``: ``latency_ms/<variant>/b<batch>`` and
       ``peak_tensor_alloc_mb/...`` (CPU) or ``peak_cuda_alloc_mb/...`` (CUDA) for variants
-      ``dense``, ``masked``, ``sparse`` (CSR Linear layers) and, for Linear chains only,
-      ``compact`` (:mod:`.latency`); median over ``latency_repeats`` blocks. ``dense`` is
+      ``dense``, ``masked``, ``sparse`` (CSR Linear layers) and ``compact``: the structurally
+      compacted model above when there is one, else, for Linear chains, the chain without its
+      dead neurons (:mod:`.latency`); median over ``latency_repeats`` blocks. ``dense`` is
       the same architecture with its pruned entries refilled (:func:`.latency.dense_copy`),
       not the pruned model. ``latency_threads``: torch's intra-op threads during the timing;
       ``latency_under_load``: the caller's ``latency_under_load``, true when other jobs (a
@@ -145,14 +156,54 @@ def cost_report(
         report["flops_train_x_dense"] = training_flops_x_dense(
             flops, lf, samples_per_step, total_steps
         )
+    compacted = structured_compaction(model, masks, input_shape)
+    if compacted is not None:
+        net, compaction = compacted
+        flops_compact = layer_flops(net, input_shape).total
+        report["params_compact"] = sum(p.numel() for p in net.parameters())
+        report["flops_infer_compact"] = flops_compact
+        report["macs_infer_compact"] = flops_compact / 2
+        report["compact_speedup"] = lf.total / flops_compact if flops_compact else None
+        report["channels_removed"] = compaction.channels_removed
     if measure_latency:
         report.update(
             _latency.latency_report(
-                model, masks, input_shape, latency_batch_sizes, repeats=latency_repeats
+                model,
+                masks,
+                input_shape,
+                latency_batch_sizes,
+                repeats=latency_repeats,
+                compacted=compacted[0] if compacted is not None else None,
             )
         )
         report["latency_under_load"] = bool(latency_under_load)
     return report
+
+
+def structured_compaction(
+    model: nn.Module, masks: Mapping[str, torch.Tensor] | None, input_shape: Sequence[int]
+) -> tuple[nn.Module, CompactionReport] | None:
+    """The model without the channels/neurons ``masks`` prune whole
+    (:func:`prunelab.structured.compact_with_report`, checked against the masked model) and
+    its report, or ``None`` when no prunable weight has a fully masked output row, when
+    compaction removes nothing, or when the model cannot be compacted (a model the
+    dependency graph cannot trace or mis-couples: its cost is then reported without the
+    compacted figures)."""
+    if masks is None:
+        masks = {n: p.detach() != 0 for n, p in prunable_parameters(model).items()}
+    if not any(
+        bool((~m.reshape(m.shape[0], -1).any(dim=1)).any()) for m in masks.values() if m.dim()
+    ):
+        return None
+    try:
+        with torch.random.fork_rng(devices=[]):
+            net, compaction = compact_with_report(model, masks, input_shape)
+    except ConfigError as err:
+        log.info("no compacted cost: %s", err)
+        return None
+    if compaction.channels_removed == 0:
+        return None
+    return net, compaction
 
 
 __all__ = [
@@ -173,6 +224,7 @@ __all__ = [
     "measure_latency",
     "save_sparse_checkpoint",
     "segments_from_history",
+    "structured_compaction",
     "size_report",
     "sparse_forward_flops",
     "training_flops",

@@ -16,8 +16,11 @@ Four variants of one network are compared on the device its weights live on:
   cuSPARSE on CUDA). Convolutions stay dense with zeros: PyTorch has no unstructured-sparse
   convolution kernel (an im2col + CSR product would be possible; it is not implemented here,
   as im2col materialises ``k x k`` copies of every input activation);
-- **compact** (:func:`compact_linear_chain`): a chain of ``nn.Linear`` layers and element-wise
-  activations with dead neurons removed (dense kernels on smaller matrices).
+- **compact**: the model without the channels/neurons its masks prune whole, when the caller
+  passes one (:func:`prunelab.cost.structured_compaction`, built with
+  :func:`prunelab.structured.compact`: any Conv/Linear/BatchNorm network, residual ones
+  included); otherwise, for a chain of ``nn.Linear`` layers and element-wise activations,
+  :func:`compact_linear_chain` (dead neurons removed). Dense kernels on smaller tensors.
 
 Timing: a warm-up, then ``repeats`` timed blocks of ``number`` calls each (``number`` chosen
 so one block lasts at least ``min_block_s``); the reported latency is the median per-call time
@@ -462,9 +465,11 @@ def latency_report(
     batch_sizes: Sequence[int] = (1, 256),
     repeats: int = 15,
     min_block_s: float = 0.01,
+    compacted: nn.Module | None = None,
 ) -> dict[str, float | None]:
-    """Latency (ms) and peak memory of the dense, masked, sparse and (for Linear chains)
-    compact variants, flat: ``latency_ms/<variant>/b<batch>`` and ``<memory field>/<variant>/
+    """Latency (ms) and peak memory of the dense, masked, sparse and compact variants
+    (``compacted`` when given, a structurally compacted copy of the model; else, for Linear
+    chains, :func:`compact_linear_chain`; else none), flat: ``latency_ms/<variant>/b<batch>`` and ``<memory field>/<variant>/
     b<batch>``, plus ``latency_threads`` (``torch.get_num_threads()`` during the timing).
 
     ``dense`` times :func:`dense_copy` (the architecture with dense, non-zero weights), not
@@ -476,7 +481,7 @@ def latency_report(
         "masked": _masked_copy(model, masks),
         "sparse": build_sparse_model(model, masks),
     }
-    compact = compact_linear_chain(model, masks)
+    compact = compacted if compacted is not None else compact_linear_chain(model, masks)
     if compact is not None:
         variants["compact"] = compact
     out: dict[str, float | None] = {"latency_threads": torch.get_num_threads()}

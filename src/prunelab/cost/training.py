@@ -53,6 +53,13 @@ METHOD_ACCOUNTING: dict[str, str] = {
     "han": "gradual",  # the masks in force at each step, from the history
     "dns": "snfs",  # dense weight gradients every step: pruned weights keep training
     "l0": "one_shot",  # dense (gated) until the gates are folded, then the fixed mask
+    # Structured methods, one-shot or gradual: the masks in force at each step, from the
+    # history. Taylor's scoring passes at pruning steps (pruning.batches forward/backward
+    # passes per pruning step) are not counted, like SNIP's.
+    "structured_l1": "gradual",
+    "neuron_sensitivity": "gradual",
+    "taylor": "gradual",
+    "block": "gradual",
 }
 
 Segment = tuple[int, Mapping[str, float], "int | None"]

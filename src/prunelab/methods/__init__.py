@@ -6,6 +6,7 @@ from typing import Any
 
 from prunelab.errors import ConfigError
 from prunelab.methods.base import MagnitudePruning, PruneAndGrow, PruningMethod
+from prunelab.methods.block import BlockPruning
 from prunelab.methods.dense import Dense
 from prunelab.methods.dns import DynamicNetworkSurgery
 from prunelab.methods.gmp import GradualMagnitude
@@ -20,6 +21,12 @@ from prunelab.methods.set import SET
 from prunelab.methods.snfs import SNFS
 from prunelab.methods.snip import SNIP
 from prunelab.methods.static import StaticMagnitude
+from prunelab.methods.structured import (
+    NeuronSensitivity,
+    StructuredL1,
+    StructuredPruning,
+    TaylorPruning,
+)
 from prunelab.methods.synflow import SynFlow
 
 METHODS: dict[str, type[PruningMethod]] = {
@@ -38,6 +45,10 @@ METHODS: dict[str, type[PruningMethod]] = {
     "set": SET,
     "rigl": RigL,
     "snfs": SNFS,
+    "structured_l1": StructuredL1,
+    "neuron_sensitivity": NeuronSensitivity,
+    "taylor": TaylorPruning,
+    "block": BlockPruning,
 }
 
 
@@ -62,6 +73,7 @@ __all__ = [
     "SET",
     "SNFS",
     "SNIP",
+    "BlockPruning",
     "Dense",
     "DynamicNetworkSurgery",
     "GraSP",
@@ -71,11 +83,15 @@ __all__ = [
     "L0Regularization",
     "L1Penalty",
     "MagnitudePruning",
+    "NeuronSensitivity",
     "PruneAndGrow",
     "PruningMethod",
     "RandomStatic",
     "RigL",
     "StaticMagnitude",
+    "StructuredL1",
+    "StructuredPruning",
     "SynFlow",
+    "TaylorPruning",
     "build_method",
 ]
