@@ -42,8 +42,11 @@ format: $(STAMP) ## Format code with ruff
 	$(PY) -m ruff check --fix src tests scripts train.py eval.py
 	$(PY) -m ruff format src tests scripts train.py eval.py
 
+# Oldest first (the folder name starts with the run's start time), so each artifact version is
+# credited to the run that made it and later runs find it as their input.
 wandb-sync: $(STAMP) ## Upload every offline W&B run under outputs/ (needs an account and network)
-	find outputs -type d -name 'offline-run-*' -print0 | xargs -0 -r $(VENV)/bin/wandb sync
+	find outputs -type d -name 'offline-run-*' -printf '%f\t%p\n' | sort | cut -f2 \
+	  | xargs -r -d '\n' $(VENV)/bin/wandb sync
 
 clean: ## Remove caches (keeps .venv and outputs/)
 	rm -rf .pytest_cache .ruff_cache .hypothesis

@@ -12,6 +12,8 @@ RESULTS = "results.json"
 CHECKPOINT_DIR = "checkpoints"
 LAST_CHECKPOINT = "last.ckpt"
 BEST_CHECKPOINT = "best.ckpt"
+# The engine's final masks, next to the checkpoints (written when a run logs W&B artifacts).
+MASKS = "masks.pt"
 CSV_DIR = "csv"
 METRICS_CSV = "metrics.csv"
 WANDB_DIR = "wandb"
@@ -44,6 +46,11 @@ def checkpoint_dir(run_dir: str | Path) -> Path:
 def last_checkpoint(run_dir: str | Path) -> Path:
     """The checkpoint written at the end of every epoch (used to resume)."""
     return checkpoint_dir(run_dir) / LAST_CHECKPOINT
+
+
+def masks_path(run_dir: str | Path) -> Path:
+    """The final masks of a run (``{name: bool tensor}``), next to its checkpoints."""
+    return checkpoint_dir(run_dir) / MASKS
 
 
 def csv_metrics(run_dir: str | Path) -> Path:

@@ -30,6 +30,7 @@ from prunelab.errors import ConfigError
 from prunelab.methods.imp import IterativeMagnitude, Level, branch_mask, mask_overlap, rewind
 from prunelab.sparsity.engine import layer_generator
 from prunelab.sparsity.masks import Masks
+from prunelab.tracking.artifacts import Ref, artifact_name
 from prunelab.tracking.results import RunRecord, config_hash, read_record
 
 log = logging.getLogger(__name__)
@@ -139,6 +140,24 @@ def run_imp(
     rewind_path = files.imp_rewind_weights(run_dir)
     summary: list[dict[str, Any]] = []
 
+    # W&B lineage: level 0 logs the rewind weights once; every later level (and branch)
+    # declares what it starts from: those weights (unless re-initialised) and the previous
+    # level's model and masks (its mask is pruned from that level's trained weights).
+    rewind_ref = Ref(
+        rewind_path,
+        "rewind",
+        artifact_name("rewind", parent_hash, seed),
+        producer=files.imp_level_dir(run_dir, 0),
+        metadata={"rewind_step": k},
+    )
+
+    def lineage(level: Level, branch: str) -> list[Ref]:
+        if level.index == 0:
+            return []
+        previous = files.imp_level_dir(run_dir, level.index - 1)
+        weights = [] if branch == "reinit" else [rewind_ref]
+        return [*weights, Ref(previous, "model"), Ref(previous, "masks")]
+
     def sub_run(level: Level, branch: str, mask: Masks | None, weights: dict) -> dict[str, Any]:
         """Train one level or branch from ``weights`` with ``mask`` fixed."""
         sub_dir = files.imp_level_dir(run_dir, level.index, None if branch == LOTTERY else branch)
@@ -214,6 +233,8 @@ def run_imp(
                 extra={"imp": {**imp_info, **overlaps.get(branch, {})}},
                 config=sub_cfg,
                 target={"target": level.realised},
+                artifact_inputs=lineage(level, branch),
+                artifact_outputs=[rewind_ref] if level.index == 0 else [],
             )
         except BaseException as err:
             sub_record.fail(err)

@@ -27,7 +27,7 @@ from prunelab.config import (
     validate,
 )
 from prunelab.errors import ConfigError
-from prunelab.tracking import wandb_setup
+from prunelab.tracking import artifacts, wandb_setup
 from prunelab.tracking.results import (
     RunRecord,
     code_version,
@@ -495,6 +495,8 @@ def fit_and_record(
     extra: dict[str, Any] | None = None,
     config: dict[str, Any] | None = None,
     target: dict[str, Any] | None = None,
+    artifact_inputs: list[artifacts.Ref] | None = None,
+    artifact_outputs: list[artifacts.Ref] | None = None,
 ) -> dict[str, Any]:
     """Fit ``built`` under a fresh Trainer writing to ``run_dir``, test it, measure its cost
     and complete ``record``; return the record.
@@ -502,8 +504,10 @@ def fit_and_record(
     ``trainer_kwargs`` override the trainer config (an IMP level's ``max_steps``),
     ``ckpt_path`` resumes (default: ``cfg.ckpt_path``), ``extra`` adds fields to the record,
     ``config`` is what the loggers are given (default: the resolved ``cfg``) and ``target``
-    the record's sparsity target (default: from the method and ``cfg.sparsity``). Errors
-    propagate: the caller fails the record.
+    the record's sparsity target (default: from the method and ``cfg.sparsity``).
+    ``artifact_inputs`` / ``artifact_outputs`` are W&B artifacts (:class:`artifacts.Ref`) the
+    run starts from (besides the checkpoint it resumes from) / logs besides its own files.
+    Errors propagate: the caller fails the record.
     """
     from prunelab.tracking.profiler import NullProfiler
     from prunelab.tracking.progress import ThrottledRichProgressBar
@@ -530,6 +534,9 @@ def fit_and_record(
         )
         start = time.time()
         resume = ckpt_path if ckpt_path is not None else cfg.get("ckpt_path")
+        if is_main_process() and artifacts.enabled(wandb_logger):
+            resumed = [artifacts.checkpoint_ref(resume)] if resume else []
+            artifacts.use_inputs(wandb_logger, [*(artifact_inputs or []), *resumed])
         trainer.fit(built["module"], datamodule=built["datamodule"], ckpt_path=resume)
         fit_s = time.time() - start
         fit_metrics = dict(trainer.callback_metrics)
@@ -566,6 +573,13 @@ def fit_and_record(
         )
         if is_main_process():
             wandb_setup.log_run_end(wandb_logger, record.data)
+            artifacts.log_run_artifacts(
+                wandb_logger,
+                run_dir,
+                record.data,
+                masks=built["engine"].masks,
+                extra=artifact_outputs or (),
+            )
             print_summary(record.data)
         return record.data
     finally:
@@ -574,7 +588,13 @@ def fit_and_record(
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")
-def _hydra_main(cfg: DictConfig) -> float | None:
+def _hydra_main(cfg: DictConfig) -> float | list[float] | None:
+    """Run one job; return what a sweeper optimises: the value of ``optimized_metric`` (one
+    name), the values in its order (a list of names: multi-objective), or None. ``cost/<key>``
+    is read from the record's ``cost``, any other name from its ``metrics``; a missing value
+    is one error line and None (a failed trial in a sweep; the run itself is complete)."""
+    from prunelab.config import optimized_metrics
+
     try:
         result = train(cfg)
     except ConfigError as err:
@@ -587,8 +607,23 @@ def _hydra_main(cfg: DictConfig) -> float | None:
             log.exception("job failed; the sweep goes on")
             return None
         raise
-    metric = cfg.get("optimized_metric")
-    return result["metrics"].get(metric) if metric else None
+    names = optimized_metrics(cfg)
+    values = []
+    for name in names:
+        part = "cost" if name.startswith(("cost/", "cost.")) else "metrics"
+        found = (result.get(part) or {}).get(name[len("cost/") :] if part == "cost" else name)
+        if isinstance(found, bool) or not isinstance(found, (int, float)):
+            have = ", ".join(sorted(result.get(part) or {})) or "nothing"
+            print(
+                f"error: optimized_metric '{name}' is not in the run's {part} "
+                f"(run {result.get('run_dir')}; it has: {have})",
+                file=sys.stderr,
+            )
+            return None
+        values.append(float(found))
+    if not values:
+        return None
+    return values if OmegaConf.is_list(cfg.get("optimized_metric")) else values[0]
 
 
 def main() -> None:

@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+from prunelab.tracking import artifacts
+
 log = logging.getLogger(__name__)
 
 MODES = ("auto", "online", "offline", "disabled")
@@ -74,7 +76,9 @@ def make_wandb_logger(
     """A Lightning WandbLogger writing under ``run_dir``, or None when W&B is disabled.
 
     Runs are grouped by ``group`` (the config hash: all seeds of one cell) unless the
-    config names a group.
+    config names a group. ``wandb_cfg["artifacts"]`` (default true) travels with the logger
+    (:data:`prunelab.tracking.artifacts.ENABLED_ATTR`): whether the run logs and declares
+    artifacts (:mod:`prunelab.tracking.artifacts`).
     """
     if not wandb_cfg.get("enabled", True):
         return None
@@ -87,7 +91,7 @@ def make_wandb_logger(
     os.environ.setdefault("WANDB_SILENT", "true")
     save_dir = run_dir
     save_dir.mkdir(parents=True, exist_ok=True)
-    return WandbLogger(
+    logger = WandbLogger(
         project=wandb_cfg.get("project", "prunelab"),
         entity=wandb_cfg.get("entity"),
         group=wandb_cfg.get("group") or group,
@@ -98,6 +102,8 @@ def make_wandb_logger(
         config=config,
         settings=wandb.Settings(init_timeout=60, console="off", x_disable_stats=True),
     )
+    setattr(logger, artifacts.ENABLED_ATTR, bool(wandb_cfg.get("artifacts", True)))
+    return logger
 
 
 def finish() -> None:
