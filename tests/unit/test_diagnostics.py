@@ -292,3 +292,12 @@ def test_analysis_is_pure_torch():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_a_residual_mlp_declares_its_skip_connection():
+    from prunelab.analysis.diagnostics import has_skip_connections
+    from prunelab.models import MLP
+
+    assert has_skip_connections(MLP((40,), 10, hidden=(16, 16), residual=True))
+    assert not has_skip_connections(MLP((40,), 10, hidden=(16, 16), residual=False))
+    assert not has_skip_connections(MLP((40,), 10, hidden=(16, 8), residual=True))
