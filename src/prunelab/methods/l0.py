@@ -225,6 +225,7 @@ class L0Regularization(PruningMethod):
         gamma: float = -0.1,
         zeta: float = 1.1,
         prune_to_target: bool = False,
+        gate_lr: float | None = None,
         update_step: str = "skip",
         **options: Any,
     ) -> None:
@@ -247,6 +248,12 @@ class L0Regularization(PruningMethod):
                 f"pruning.prune_to_target must be true or false, got {prune_to_target!r}"
             )
         self.prune_to_target = prune_to_target
+        # The gates' own learning rate (None: the optimizer's). With SGD the gates of a large
+        # layer move by lr * l0_lambda / W per step from the penalty: far too little at the
+        # weights' learning rate (Adam, as in the paper, is scale-free).
+        self.gate_lr = (
+            None if gate_lr is None else _number("gate_lr", gate_lr, "> 0", lambda v: v > 0, "10.0")
+        )
         self.gates: HardConcreteGates | None = None
         # What the fold found, for the run's log and report (empty before the fold).
         self.fold_summary: dict[str, Any] = {}
@@ -287,7 +294,10 @@ class L0Regularization(PruningMethod):
         """The optimizer group of the gates (no weight decay), or none before :meth:`attach`."""
         if self.gates is None:
             return []
-        return [{"params": list(self.gates.parameters()), "weight_decay": 0.0}]
+        group: dict[str, Any] = {"params": list(self.gates.parameters()), "weight_decay": 0.0}
+        if self.gate_lr is not None:
+            group["lr"] = self.gate_lr
+        return [group]
 
     def _require_gates(self) -> HardConcreteGates:
         if self.gates is None:
