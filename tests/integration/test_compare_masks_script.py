@@ -58,7 +58,8 @@ def test_results_and_logs_hold_the_diagnostics(runs):
     record = json.loads(files.results_path(runs["a"]).read_text())
     diag = record["sparsity"]["diagnostics"]
     assert list(diag["layers"]) == list(record["sparsity"]["layers"])
-    assert diag["chain"] is True and diag["disconnected_layers"] == []
+    # The default MLP has a residual layer: no chain path analysis, only local dead units.
+    assert diag["chain"] is False and diag["disconnected_layers"] == []
     for name, layer in diag["layers"].items():
         assert layer["density"] == pytest.approx(1 - record["sparsity"]["layers"][name])
         assert 0 <= layer["dead_units"] <= layer["out_units"]
