@@ -5,6 +5,10 @@ with the engine's masks, measures test accuracy, writes the three exports of
 :func:`prunelab.cost.export.export_all` (plain state dict with zeros in place, compact
 sparse checkpoint, ONNX), reloads each one and measures its test accuracy again (ONNX
 through onnxruntime), and writes ``export/export.json`` with accuracies and file sizes.
+When the masks prune whole channels or neurons, the compacted model
+(:func:`prunelab.cost.export.export_compact`: ``compact.pt``, ``model_compact.onnx``) is
+exported, reloaded and tested too, with its parameter count and MACs under ``compact`` in
+``export.json``; otherwise ``compact`` is null and ``compact_reason`` says why.
 
 ``eval.py`` is a Hydra app on ``conf/eval.yaml`` (overrides, ``-m`` sweeps over checkpoints);
 the older form ``python eval.py <run dir> [--checkpoint last|best]`` still works. Mistakes
@@ -164,7 +168,12 @@ def evaluate_and_export(
     """
     import onnxruntime
 
-    from prunelab.cost.export import export_all, load_sparse_checkpoint
+    from prunelab.cost.export import (
+        export_all,
+        export_compact,
+        load_compact_checkpoint,
+        load_sparse_checkpoint,
+    )
 
     run_dir = Path(run_dir)
     out = Path(export_dir) if export_dir is not None else files.export_dir(run_dir)
@@ -202,8 +211,41 @@ def evaluate_and_export(
         "files": {name: str(path) for name, path in paths.items()},
     }
     report["sparse_vs_state_dict"] = report["bytes"]["state_dict"] / report["bytes"]["sparse"]
+    compacted = export_compact(model, masks, shape, out)
+    if isinstance(compacted, str):
+        report["compact"], report["compact_reason"] = None, compacted
+    else:
+        cpaths, _, creport = compacted
+        reloaded = load_compact_checkpoint(cpaths["compact"], model, masks)
+        csession = onnxruntime.InferenceSession(
+            str(cpaths["compact_onnx"]), providers=["CPUExecutionProvider"]
+        )
+
+        def compact_onnx_predict(x: torch.Tensor) -> torch.Tensor:
+            return torch.from_numpy(csession.run(None, {"input": x.numpy()})[0])
+
+        report["test_acc"]["compact"] = accuracy(reloaded, test)
+        report["test_acc"]["compact_onnx"] = accuracy(compact_onnx_predict, test)
+        for name, path in cpaths.items():
+            report["bytes"][name] = path.stat().st_size
+            report["files"][name] = str(path)
+        report["compact"] = {
+            "params_before": creport.params_before,
+            "params": sum(p.numel() for p in reloaded.parameters()),
+            "macs_before": _macs(model, shape),
+            "macs": _macs(reloaded, shape),
+            "channels_removed": creport.channels_removed,
+            "max_abs_diff": creport.max_abs_diff,
+        }
     write_json_atomic(out / files.EXPORT_REPORT, report)
     return report
+
+
+def _macs(model: Any, shape: tuple[int, ...]) -> float:
+    """Dense forward MACs of one sample (:func:`prunelab.cost.flops.layer_flops`)."""
+    from prunelab.cost.flops import layer_flops
+
+    return layer_flops(model, shape).total / 2
 
 
 def _is_multirun() -> bool:
@@ -238,6 +280,11 @@ def print_report(report: dict[str, Any]) -> None:
         size = report["bytes"].get(name)
         print(f"{name:>11}: test/acc {acc:.6f}" + (f"  {size:,} bytes" if size else ""))
     print(f"sparse checkpoint is {report['sparse_vs_state_dict']:.2f}x smaller than the state dict")
+    compact = report.get("compact")
+    if compact:
+        print(f"compacted model: {compact['params_before']:,} -> {compact['params']:,} parameters")
+    else:
+        print(f"no compacted model: {report.get('compact_reason')}")
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="eval")

@@ -23,6 +23,9 @@ EXPORT_DIR = "export"
 EXPORT_STATE_DICT = "state_dict.pt"
 EXPORT_SPARSE = "sparse.pt"
 EXPORT_ONNX = "model.onnx"
+# The compacted model (whole pruned channels removed), when the masks allow one.
+EXPORT_COMPACT = "compact.pt"
+EXPORT_COMPACT_ONNX = "model_compact.onnx"
 EXPORT_REPORT = "export.json"
 # Iterative magnitude pruning: one sub-run folder per level (and branch), the rewind point.
 IMP_LEVELS_DIR = "levels"

@@ -84,3 +84,17 @@ def test_eval_cli_rejects_a_folder_without_a_run(tmp_path):
     )
     assert proc.returncode == 2
     assert proc.stderr.strip().startswith("error:") and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_structured_run_exports_a_smaller_compacted_model(compose_cfg, tmp_path):
+    train(compose_cfg("pruning=structured_l1", "sparsity=0.5", "cost.latency=false"))
+    report = evaluate_and_export(tmp_path / "run")
+    accs, compact = report["test_acc"], report["compact"]
+    for name in ("compact", "compact_onnx"):
+        assert abs(accs[name] - accs["checkpoint"]) <= 1e-6, name
+    assert compact["params"] < compact["params_before"]
+    assert 0 < compact["macs"] < compact["macs_before"]
+    export = files.export_dir(tmp_path / "run")
+    for name in (files.EXPORT_COMPACT, files.EXPORT_COMPACT_ONNX):
+        assert (export / name).stat().st_size > 0
+    assert report["bytes"]["compact"] < report["bytes"]["state_dict"]

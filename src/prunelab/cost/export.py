@@ -12,6 +12,14 @@
   The TorchScript-based exporter (``dynamo=False``: fast, one self-contained file) is tried
   first and the ``torch.export``-based one (needs ``onnxscript``) second. The file stores the
   zeros densely: ONNX has no standard sparse-weight execution.
+- ``compact.pt`` and ``model_compact.onnx`` (only when the masks prune whole channels or
+  neurons): the physically smaller dense model of :func:`prunelab.structured.compact`.
+  ``compact.pt`` holds the compacted model's state dict, the input shape it was compacted
+  for and the removed channels, not a pickled module (fragile across code changes). Reload
+  with :func:`load_compact_checkpoint`: it re-runs the compaction on the masked model
+  (same architecture and masks) to rebuild the smaller architecture, then loads the saved
+  state dict into it strictly, so every tensor's shape is checked. The ONNX file is
+  :func:`export_onnx` of the compacted model.
 """
 
 from __future__ import annotations
@@ -31,6 +39,7 @@ from prunelab.errors import ConfigError
 from prunelab.models import prunable_parameters
 
 FORMAT = "prunelab-sparse/1"
+COMPACT_FORMAT = "prunelab-compact/1"
 
 
 def _resolve_masks(
@@ -209,3 +218,85 @@ def export_all(
         "sparse": save_sparse_checkpoint(model, masks, out / files.EXPORT_SPARSE),
         "onnx": export_onnx(model, masks, input_shape, out / files.EXPORT_ONNX),
     }
+
+
+def _removed(report: Any) -> dict[str, list[int]]:
+    return {root: [int(c) for c in chans] for root, chans in report.removed.items()}
+
+
+def save_compact_checkpoint(
+    compacted: nn.Module, report: Any, input_shape: Sequence[int], path: str | Path
+) -> Path:
+    """Write ``compact.pt`` (module docstring) for ``compacted`` and its
+    :class:`~prunelab.structured.CompactionReport` to ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().clone() for k, v in compacted.state_dict().items()}
+    blob = {
+        "format": COMPACT_FORMAT,
+        "state_dict": state,
+        "input_shape": [int(s) for s in input_shape],
+        "removed": _removed(report),
+    }
+    torch.save(blob, path)
+    return path
+
+
+def load_compact_checkpoint(
+    path: str | Path, model: nn.Module, masks: Mapping[str, torch.Tensor]
+) -> nn.Module:
+    """The compacted model of ``compact.pt``: :func:`prunelab.structured.compact` of
+    ``model`` under ``masks`` (the run's architecture and final masks; ``model`` is
+    untouched) with the saved state dict loaded strictly, in eval mode. Raises ConfigError
+    when the file is not a compact checkpoint or does not fit (other channels removed, or
+    any tensor of another shape)."""
+    from prunelab.structured import compact_with_report
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"no compact checkpoint at {path}")
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # any unreadable file is the same user error
+        raise ConfigError(f"{path} is not a readable torch file: {type(err).__name__}") from None
+    if not isinstance(blob, dict) or blob.get("format") != COMPACT_FORMAT:
+        raise ConfigError(f"{path} is not a prunelab compact checkpoint ({COMPACT_FORMAT})")
+    net, report = compact_with_report(model, masks, blob["input_shape"], check=False)
+    if _removed(report) != blob["removed"]:
+        raise ConfigError(f"{path} removed other channels than these masks do")
+    state = blob["state_dict"]
+    own = net.state_dict()
+    wrong = [k for k, v in state.items() if k in own and tuple(own[k].shape) != tuple(v.shape)]
+    if wrong or set(own) != set(state):
+        detail = wrong[:3] or sorted(set(own) ^ set(state))[:3]
+        raise ConfigError(f"{path} does not fit the compacted model: {', '.join(detail)}")
+    net.load_state_dict(state, strict=True)
+    return net.eval()
+
+
+def export_compact(
+    model: nn.Module,
+    masks: Mapping[str, torch.Tensor],
+    input_shape: Sequence[int],
+    out_dir: str | Path,
+) -> tuple[dict[str, Path], nn.Module, Any] | str:
+    """Compact the masked model and write ``compact.pt`` and ``model_compact.onnx`` to
+    ``out_dir``; returns ``({"compact": path, "compact_onnx": path}, compacted model,
+    CompactionReport)``, or, writing nothing, the reason no compaction applies (no channel
+    or neuron pruned whole, or a model :func:`~prunelab.structured.compact` cannot handle).
+    """
+    from prunelab.structured import compact_with_report
+
+    shape = tuple(int(s) for s in input_shape)
+    try:
+        net, report = compact_with_report(model, masks, shape)
+    except ConfigError as err:
+        return f"compaction failed: {_first_line(err)}"
+    if report.channels_removed == 0:
+        return "the masks prune no channel or neuron whole"
+    out = Path(out_dir)
+    paths = {
+        "compact": save_compact_checkpoint(net, report, shape, out / files.EXPORT_COMPACT),
+        "compact_onnx": export_onnx(net, {}, shape, out / files.EXPORT_COMPACT_ONNX),
+    }
+    return paths, net, report
