@@ -111,7 +111,7 @@ def run_imp(
     reused; each level gets a fresh module, engine and optimizer)."""
     from prunelab.module import ClassificationModule
     from prunelab.sparsity.engine import SparsityEngine
-    from prunelab.train import fit_and_record
+    from prunelab.train import _check_cost_meter, fit_and_record
 
     run_dir = Path(cfg.paths.output_dir)
     seed = int(cfg.seed)
@@ -124,6 +124,7 @@ def run_imp(
             "(hydra.run.dir=<its folder>), not from ckpt_path; set ckpt_path=null"
         )
     _check_folder(run_dir, parent_hash)
+    _check_cost_meter(cfg, built)  # once, before any level trains; the levels reuse it
     estimate = estimated_steps(cfg, datamodule)
     k = method.rewind_step
     if k >= estimate:

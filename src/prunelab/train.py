@@ -278,8 +278,8 @@ def _check_cost_meter(cfg: DictConfig, built: dict[str, Any]) -> None:
 
     from prunelab.cost import layer_flops
 
-    if not (cfg.get("cost") or {}).get("enabled", True):
-        return
+    if not (cfg.get("cost") or {}).get("enabled", True) or "dense_flops" in built:
+        return  # off, or counted already (an IMP run counts once for all its levels)
     shape = tuple(built["datamodule"].input_shape)
     with torch.random.fork_rng(devices=[]):
         built["dense_flops"] = layer_flops(built["model"], shape, params=built["prunable"])

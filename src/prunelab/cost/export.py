@@ -94,18 +94,25 @@ def save_sparse_checkpoint(
     return path
 
 
-def read_sparse_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
-    """``(full state dict, {name: bool mask})`` from a checkpoint of
-    :func:`save_sparse_checkpoint`, on the CPU."""
-    path = Path(path)
+def _load_blob(path: Path, kind: str, fmt: str) -> dict:
+    """The dict a prunelab ``kind`` checkpoint of format ``fmt`` holds (on the CPU), or a
+    one-line ConfigError for a missing, unreadable or foreign file."""
     if not path.is_file():
-        raise ConfigError(f"no sparse checkpoint at {path}")
+        raise ConfigError(f"no {kind} checkpoint at {path}")
     try:
         blob = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # any unreadable file is the same user error
         raise ConfigError(f"{path} is not a readable torch file: {type(err).__name__}") from None
-    if not isinstance(blob, dict) or blob.get("format") != FORMAT:
-        raise ConfigError(f"{path} is not a prunelab sparse checkpoint (format {FORMAT})")
+    if not isinstance(blob, dict) or blob.get("format") != fmt:
+        raise ConfigError(f"{path} is not a prunelab {kind} checkpoint (format {fmt})")
+    return blob
+
+
+def read_sparse_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """``(full state dict, {name: bool mask})`` from a checkpoint of
+    :func:`save_sparse_checkpoint`, on the CPU."""
+    path = Path(path)
+    blob = _load_blob(path, "sparse", FORMAT)
     state = dict(blob["dense"])
     masks = {}
     for name, entry in blob["sparse"].items():
@@ -253,14 +260,7 @@ def load_compact_checkpoint(
     from prunelab.structured import compact_with_report
 
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"no compact checkpoint at {path}")
-    try:
-        blob = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # any unreadable file is the same user error
-        raise ConfigError(f"{path} is not a readable torch file: {type(err).__name__}") from None
-    if not isinstance(blob, dict) or blob.get("format") != COMPACT_FORMAT:
-        raise ConfigError(f"{path} is not a prunelab compact checkpoint ({COMPACT_FORMAT})")
+    blob = _load_blob(path, "compact", COMPACT_FORMAT)
     net, report = compact_with_report(model, masks, blob["input_shape"], check=False)
     if _removed(report) != blob["removed"]:
         raise ConfigError(f"{path} removed other channels than these masks do")

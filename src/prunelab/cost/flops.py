@@ -33,6 +33,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from prunelab.errors import ConfigError
 from prunelab.models import prunable_parameters
+from prunelab.models.base import check_input_shape
 
 
 @dataclass(frozen=True)
@@ -82,7 +83,7 @@ def layer_flops(
     ConfigError (a ValueError, one line naming the layer) when a prunable layer is credited
     with no FLOPs while the model has some.
     """
-    shape = _check_shape(input_shape)
+    shape = check_input_shape(input_shape, "FLOP count")
     if params is None:
         params = prunable_parameters(model)
     if not params:
@@ -166,19 +167,6 @@ def _check_attributed(
             "used outside that module's forward (e.g. a functional call): call the module, "
             "or leave the weight out of prunable_parameters()"
         )
-
-
-def _check_shape(input_shape: Sequence[int]) -> tuple[int, ...]:
-    try:
-        shape = tuple(int(s) for s in input_shape)
-    except (TypeError, ValueError):
-        shape = ()
-    if not shape or any(s <= 0 for s in shape):
-        raise ConfigError(
-            f"input_shape={input_shape!r} must be a non-empty list of positive ints without "
-            "the batch dimension, e.g. [1, 28, 28]"
-        )
-    return shape
 
 
 def check_densities(lf: LayerFlops, densities: Mapping[str, float]) -> dict[str, float]:

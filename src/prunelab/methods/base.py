@@ -284,6 +284,17 @@ class PruningMethod:
             return True
         return masks.sparsity(names) >= self.sparsity_target() - len(masks) / total - 1e-9
 
+    def target_report(self, masks: Masks) -> dict[str, Any]:
+        """The start of a method's ``report``: the target, the masks' sparsity, the distance
+        between them (realised - target) and whether the run counts as at target."""
+        realised = masks.sparsity()
+        return {
+            "target": self.sparsity,
+            "realised": realised,
+            "distance": realised - self.sparsity,
+            "at_target": self.at_target(masks),
+        }
+
     def sparsity_target(self) -> float:
         """The final sparsity over the layers ``budget`` counts."""
         return self.sparsity if self.budget == "pruned" else self.budget_sparsity(self.sparsity)

@@ -168,12 +168,8 @@ class BlockPruning(PruningMethod):
     def report(self, masks: Masks) -> dict[str, Any]:
         """Target and realised sparsity, the removed blocks and their fraction, and the
         fraction of output channels removed per prunable layer."""
-        realised = masks.sparsity()
         out: dict[str, Any] = {
-            "target": self.sparsity,
-            "realised": realised,
-            "distance": realised - self.sparsity,
-            "at_target": self.at_target(masks),
+            **self.target_report(masks),
             "capped": self.capped,
             "channels_removed": channels_removed(masks),
         }

@@ -49,6 +49,7 @@ import torch
 
 from prunelab.errors import ConfigError
 from prunelab.methods.base import MagnitudePruning, Params, PruningMethod, positive_int
+from prunelab.models.base import check_input_shape
 from prunelab.sparsity.engine import Context
 from prunelab.sparsity.masks import Masks
 from prunelab.structured import ChannelGroup, channel_groups
@@ -58,18 +59,7 @@ STRUCTURED_DISTRIBUTIONS = ("uniform", "global")
 
 def check_input_shape_option(value: Any) -> tuple[int, ...] | None:
     """``pruning.input_shape`` as a tuple of positive ints, or None; else a ConfigError."""
-    if value is None:
-        return None
-    try:
-        shape = tuple(int(s) for s in value)
-    except (TypeError, ValueError):
-        shape = ()
-    if not shape or any(s <= 0 for s in shape):
-        raise ConfigError(
-            f"pruning.input_shape must be null or one sample's shape (no batch dimension), "
-            f"got {value!r}; e.g. pruning.input_shape=[3,32,32]"
-        )
-    return shape
+    return None if value is None else check_input_shape(value, "pruning.input_shape")
 
 
 def sample_shape(ctx: Context, given: tuple[int, ...] | None, method: str) -> tuple[int, ...]:
@@ -386,12 +376,8 @@ class StructuredPruning(PruningMethod):
     def report(self, masks: Masks) -> dict[str, Any]:
         """Target and realised sparsity, the groups capped at one channel, the fraction of
         output channels/neurons removed per prunable layer and over all groups."""
-        realised = masks.sparsity()
         out: dict[str, Any] = {
-            "target": self.sparsity,
-            "realised": realised,
-            "distance": realised - self.sparsity,
-            "at_target": self.at_target(masks),
+            **self.target_report(masks),
             "distribution": self.distribution,
             "capped": list(self.capped),
             "channels_removed": channels_removed(masks),

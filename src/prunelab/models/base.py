@@ -31,6 +31,21 @@ SEQUENCE_HINT = "choose a sequence dataset (mnist1d) or model=mlp/lenet300_100"
 SMALL_HINT = "choose a dataset with larger inputs (e.g. MNIST or CIFAR) or model=mlp"
 
 
+def check_input_shape(value: object, what: str = "input_shape") -> tuple[int, ...]:
+    """``value`` as one sample's shape (no batch dimension): a non-empty tuple of positive
+    ints, or a one-line ConfigError naming ``what`` (the option or caller it came from)."""
+    try:
+        shape = tuple(int(s) for s in value)  # type: ignore[union-attr]
+    except (TypeError, ValueError):
+        shape = ()
+    if not shape or any(s <= 0 for s in shape):
+        raise ConfigError(
+            f"{what}: input_shape={value!r} must be one sample's shape without the batch "
+            "dimension, a non-empty list of positive ints, e.g. [3, 32, 32]"
+        )
+    return shape
+
+
 def as_shape(name: str, input_shape: Sequence[int]) -> tuple[int, ...]:
     """Return ``input_shape`` as a tuple of positive ints, or raise :class:`ConfigError`."""
     try:

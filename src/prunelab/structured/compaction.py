@@ -49,10 +49,10 @@ from torch import nn
 from torch.utils._pytree import tree_flatten
 
 from prunelab.errors import ConfigError
+from prunelab.models.base import check_input_shape
 from prunelab.structured.groups import (
     CONV_TYPES,
     build_graph,
-    check_input_shape,
     example_input,
     graph_groups,
     removable_channels,

@@ -37,6 +37,7 @@ import torch_pruning as tp
 from torch import nn
 
 from prunelab.errors import ConfigError
+from prunelab.models.base import check_input_shape
 from prunelab.sparsity.masks import Masks
 
 CONV_TYPES: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -122,20 +123,6 @@ class ChannelGroup:
 
 
 # -- tracing -----------------------------------------------------------------------------------
-
-
-def check_input_shape(input_shape: Sequence[int], caller: str) -> tuple[int, ...]:
-    """``input_shape`` as a tuple of positive ints, or a one-line ConfigError."""
-    try:
-        shape = tuple(int(s) for s in input_shape)
-    except (TypeError, ValueError):
-        shape = ()
-    if not shape or any(s <= 0 for s in shape):
-        raise ConfigError(
-            f"{caller}: input_shape={input_shape!r} must be the per-sample shape without the "
-            "batch dimension, a non-empty list of positive ints, e.g. [3, 32, 32]"
-        )
-    return shape
 
 
 def _first_line(err: BaseException) -> str:
