@@ -28,6 +28,7 @@ from prunelab.structured import (
     channel_groups,
     channel_norms,
     compact,
+    compact_with_blocks,
     compact_with_report,
     removable_channels,
     remove_blocks,
@@ -260,7 +261,7 @@ def test_resnet20_blocks_replaced_by_their_shortcuts_equal_zeroed_branches():
     assert len(blocks) == 9
     assert blocks["layer1.0"] == "identity" and blocks["layer2.0"] == "projection"
     names = ["layer1.1", "layer2.0", "layer3.2"]
-    smaller = remove_blocks(model, names)
+    smaller = remove_blocks(model, names, exact=False)  # the branches' constants dropped
     assert "layer2.0.shortcut.0.weight" in dict(smaller.named_parameters())
     assert set(residual_blocks(smaller)) == set(blocks) - set(names)
     assert _n_params(smaller) < _n_params(model)
@@ -279,7 +280,8 @@ def test_wrn_and_pad_shortcut_blocks_are_removable():
     pad = _calibrate(ResNet20(CIFAR, 10, shortcut="A"), CIFAR)
     assert residual_blocks(pad)["layer3.0"] == "zero_pad"
     names = ["layer2.0", "layer3.1"]
-    assert _max_diff(remove_blocks(pad, names), _zero_branches(pad, names), CIFAR) < 1e-5
+    smaller = remove_blocks(pad, names, exact=False)
+    assert _max_diff(smaller, _zero_branches(pad, names), CIFAR) < 1e-5
 
 
 def test_remove_blocks_names_the_removable_blocks_on_a_bad_name():
@@ -360,3 +362,98 @@ def test_the_check_catches_a_compacted_model_that_differs(monkeypatch):
     with pytest.raises(ConfigError, match="differ from the masked model's") as err:
         compact(model, masks, CIFAR)
     assert "\n" not in str(err.value)
+
+
+# -- block compaction ---------------------------------------------------------------------------
+
+SMALL = (3, 16, 16)
+
+
+def _branch_masks(model: nn.Module, blocks, masks=None) -> dict:
+    """``masks`` (default: all True over the prunable weights) with the branches of
+    ``blocks`` fully masked."""
+    from prunelab.structured import branch_parameters
+
+    out = {
+        n: (masks[n].clone() if masks is not None else torch.ones_like(p, dtype=torch.bool))
+        for n, p in prunable_parameters(model).items()
+    }
+    branches = branch_parameters(model)
+    for block in blocks:
+        for name in branches[block]:
+            out[name].fill_(False)
+    return out
+
+
+@pytest.mark.parametrize(
+    ("shortcut", "blocks"),
+    [("B", ["layer1.1", "layer2.0", "layer3.2"]), ("A", ["layer1.2", "layer3.0"])],
+)
+def test_structured_compaction_removes_fully_masked_blocks_exactly(shortcut, blocks):
+    from prunelab.cost import structured_compaction
+
+    model = _calibrate(ResNet20(SMALL, 10, shortcut=shortcut), SMALL)
+    kinds = residual_blocks(model)
+    assert {kinds[b] for b in blocks} - {"identity"}  # a projection / zero-pad block is among them
+    masks = _branch_masks(model, blocks)
+    net, report = structured_compaction(model, masks, SMALL)
+    assert report.blocks_removed == blocks and report.changed
+    assert set(residual_blocks(net)) == set(kinds) - set(blocks)
+    names = dict(net.named_modules())
+    assert all(f"{b}.conv1" not in names for b in blocks)
+    assert _max_diff(net, _masked(model, masks), SMALL) < 1e-5
+    assert _macs(net, SMALL) < _macs(model, SMALL)
+    # the internal channels of the removed branches count as removed; their layers are empty
+    assert report.removed[f"{blocks[0]}.conv1"] == tuple(range(16))
+    assert report.layers[f"{blocks[0]}.conv2"].out_after == 0
+    assert report.params_before == _n_params(model) and report.params_after == _n_params(net)
+    # the constant the masked branch still outputs matters: dropping it changes the logits
+    inexact = remove_blocks(model, blocks, exact=False)
+    assert _max_diff(inexact, _masked(model, masks), SMALL) > 1e-3
+
+
+def test_block_and_channel_compaction_combine():
+    model = _calibrate(ResNet20(SMALL, 10), SMALL)
+    _, channels = _random_masks(model, SMALL, fraction=0.4)
+    blocks = ["layer1.1", "layer2.0"]
+    masks = _branch_masks(model, blocks, channels)
+    net, report = compact_with_blocks(model, masks, SMALL)
+    assert report.blocks_removed == blocks
+    assert len(residual_blocks(net)) == 7
+    # channels of surviving layers went too: in a block, in the residual stream (whose
+    # ChannelBias is sliced with it), after the projection
+    assert net.layer3[0].conv1.out_channels < 64
+    assert net.layer1[1].shift.bias.numel() == net.layer1[0].conv2.out_channels < 16
+    assert report.max_abs_diff is not None and report.max_abs_diff < 1e-5
+    assert _max_diff(net, _masked(model, masks), SMALL) < 1e-5
+    assert _n_params(net) < _n_params(compact_with_report(model, masks, SMALL)[0])
+
+
+def test_wrn_block_compaction_keeps_the_bias_of_the_last_branch_conv():
+    model = WRN22_2(SMALL, 10)
+    block = model.layer2[1]  # identity shortcut; its branch ends in conv2: give it a bias
+    block.conv2.bias = nn.Parameter(torch.randn(block.conv2.out_channels))
+    model = _calibrate(model, SMALL)
+    masks = _branch_masks(model, ["layer2.1"])
+    net, report = compact_with_blocks(model, masks, SMALL)
+    assert report.blocks_removed == ["layer2.1"]
+    assert "layer2.1" not in residual_blocks(net) and len(residual_blocks(net)) == 8
+    assert torch.allclose(net.layer2[1].shift.bias, block.conv2.bias)
+    assert _max_diff(net, _masked(model, masks), SMALL) < 1e-5
+    # without a bias the branch outputs zero: the block becomes the identity
+    plain = _calibrate(WRN22_2(SMALL, 10), SMALL)
+    net = remove_blocks(plain, ["layer2.1"])
+    assert isinstance(net.layer2[1], nn.Identity)
+
+
+def test_remove_blocks_refuses_a_branch_whose_constant_varies():
+    model = _calibrate(ResNet20(SMALL, 10), SMALL)
+    conv = model.layer1[1].conv2
+    mapped = BiasMapConv2d(16, 16, 3, padding=1, bias=False)
+    mapped.weight.data.copy_(conv.weight.data)
+    mapped.register_buffer("bias_map", torch.randn(16, 16, 16))
+    model.layer1[1].conv2 = mapped
+    with pytest.raises(ConfigError, match="layer1.1") as err:
+        remove_blocks(model, ["layer1.1"])
+    assert "\n" not in str(err.value)
+    assert isinstance(remove_blocks(model, ["layer1.1"], exact=False).layer1[1], nn.ReLU)

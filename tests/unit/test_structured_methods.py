@@ -3,6 +3,7 @@ ranking, whole coupled channels, the sparsity rule, caps, errors, and the compac
 
 from __future__ import annotations
 
+import copy
 import math
 import warnings
 
@@ -422,3 +423,84 @@ def test_cost_report_has_no_compacted_figures_for_unstructured_masks():
     masks = {n: torch.rand_like(p) > 0.3 for n, p in prunable_parameters(model).items()}
     report = cost_report(model, masks, (1, 4, 4), measure_latency=False)
     assert "macs_infer_compact" not in report
+
+
+# -- block compaction -------------------------------------------------------------------------
+
+
+def calibrated_resnet20() -> nn.Module:
+    """ResNet-20 with random BatchNorm affine parameters and running statistics, so that a
+    masked branch still outputs a non-zero constant (its last BatchNorm's shift)."""
+    model = resnet20()
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 1.5, generator=gen)
+                m.bias.normal_(0.0, 0.5, generator=gen)
+                m.running_mean.normal_(0.0, 0.3, generator=gen)
+                m.running_var.uniform_(0.5, 2.0, generator=gen)
+    return model.eval()
+
+
+def masked_copy(model: nn.Module, masks) -> nn.Module:
+    out = copy.deepcopy(model).eval()
+    params = dict(out.named_parameters())
+    with torch.no_grad():
+        for name, mask in masks.items():
+            params[name].mul_(mask)
+    return out
+
+
+def test_block_pruning_compacts_to_a_shallower_model_with_the_same_outputs():
+    from prunelab.cost import layer_flops, structured_compaction
+    from prunelab.structured import residual_blocks
+
+    shape = (3, 8, 8)
+    model = calibrated_resnet20()
+    engine = run("block", model, shape, sparsity=0.5, distribution="global")
+    removed = engine.sparsity_report()["method"]["blocks_removed"]
+    assert len(removed) >= 2
+    model.eval()
+    net, report = structured_compaction(model, engine.masks, shape)
+    assert report.blocks_removed == removed
+    assert len(residual_blocks(net)) == 9 - len(removed)
+    x = torch.randn(4, *shape, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        diff = float((net(x) - masked_copy(model, engine.masks)(x)).abs().max())
+    assert diff <= 1e-5
+    assert layer_flops(net, shape).total < layer_flops(model, shape).total
+    cost = cost_report(model, engine.masks, shape, measure_latency=False)
+    assert cost["blocks_removed"] == len(removed)
+    assert cost["macs_infer_compact"] < cost["macs_infer_dense"]
+
+
+def test_compact_export_round_trips_removed_blocks(tmp_path):
+    from prunelab.cost.export import export_compact, load_compact_checkpoint
+    from prunelab.structured import branch_parameters, residual_blocks
+
+    shape = (3, 8, 8)
+    model = calibrated_resnet20()
+    masks = {n: torch.ones_like(p, dtype=torch.bool) for n, p in prunable_parameters(model).items()}
+    branches = branch_parameters(model)
+    for block in ("layer1.2", "layer2.0"):
+        for name in branches[block]:
+            masks[name].fill_(False)
+    masks["layer3.1.conv1.weight"][:20] = False  # and some channels of another block
+    paths, net, report = export_compact(model, masks, shape, tmp_path)
+    assert report.blocks_removed == ["layer1.2", "layer2.0"]
+    assert paths["compact"].is_file() and paths["compact_onnx"].is_file()
+    reloaded = load_compact_checkpoint(paths["compact"], model, masks)
+    assert len(residual_blocks(reloaded)) == 7
+    assert reloaded.layer3[1].conv1.out_channels == 44
+    x = torch.randn(3, *shape, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        assert torch.equal(reloaded(x), net(x))
+        assert float((reloaded(x) - masked_copy(model, masks)(x)).abs().max()) <= 1e-5
+    # masks that remove another block do not fit the file
+    other = dict(masks)
+    for name in branches["layer2.0"]:
+        other[name] = torch.ones_like(masks[name])
+    with pytest.raises(ConfigError, match="residual blocks") as err:
+        load_compact_checkpoint(paths["compact"], model, other)
+    one_line(err)

@@ -48,7 +48,7 @@ from prunelab.cost.training import (
 )
 from prunelab.errors import ConfigError
 from prunelab.models import prunable_parameters
-from prunelab.structured import CompactionReport, compact_with_report
+from prunelab.structured import CompactionReport, compact_with_blocks
 
 log = logging.getLogger(__name__)
 
@@ -98,8 +98,9 @@ def cost_report(
       can be compacted (:func:`structured_compaction`): ``params_compact`` (parameters of
       the physically smaller model), ``flops_infer_compact`` / ``macs_infer_compact`` (its
       dense forward cost, counted by the FLOP counter on the compacted model),
-      ``compact_speedup`` = dense / compacted forward FLOPs and ``channels_removed`` (how
-      many channels compaction removed);
+      ``compact_speedup`` = dense / compacted forward FLOPs, ``channels_removed`` (how
+      many channels compaction removed) and ``blocks_removed`` (how many residual blocks,
+      whose branch the masks prune whole, it removed);
     - with ``measure_latency``: ``latency_ms/<variant>/b<batch>`` and
       ``peak_tensor_alloc_mb/...`` (CPU) or ``peak_cuda_alloc_mb/...`` (CUDA) for variants
       ``dense``, ``masked``, ``sparse`` (CSR Linear layers) and ``compact``: the structurally
@@ -165,6 +166,7 @@ def cost_report(
         report["macs_infer_compact"] = flops_compact / 2
         report["compact_speedup"] = lf.total / flops_compact if flops_compact else None
         report["channels_removed"] = compaction.channels_removed
+        report["blocks_removed"] = len(compaction.blocks_removed)
     if measure_latency:
         report.update(
             _latency.latency_report(
@@ -183,12 +185,14 @@ def cost_report(
 def structured_compaction(
     model: nn.Module, masks: Mapping[str, torch.Tensor] | None, input_shape: Sequence[int]
 ) -> tuple[nn.Module, CompactionReport] | None:
-    """The model without the channels/neurons ``masks`` prune whole
-    (:func:`prunelab.structured.compact_with_report`, checked against the masked model) and
-    its report, or ``None`` when no prunable weight has a fully masked output row, when
-    compaction removes nothing, or when the model cannot be compacted (a model the
-    dependency graph cannot trace or mis-couples: its cost is then reported without the
-    compacted figures)."""
+    """The model without the residual blocks whose branch ``masks`` prune whole and without
+    the channels/neurons they prune whole (:func:`prunelab.structured.compact_with_blocks`:
+    the blocks are replaced by their shortcut plus the constant the masked branch outputs,
+    then the channels are removed; checked against the masked model) and its report
+    (``blocks_removed`` names the removed blocks), or ``None`` when no prunable weight has a
+    fully masked output row, when compaction removes nothing, or when the model cannot be
+    compacted (a model the dependency graph cannot trace or mis-couples: its cost is then
+    reported without the compacted figures)."""
     if masks is None:
         masks = {n: p.detach() != 0 for n, p in prunable_parameters(model).items()}
     if not any(
@@ -197,11 +201,11 @@ def structured_compaction(
         return None
     try:
         with torch.random.fork_rng(devices=[]):
-            net, compaction = compact_with_report(model, masks, input_shape)
+            net, compaction = compact_with_blocks(model, masks, input_shape)
     except ConfigError as err:
         log.info("no compacted cost: %s", err)
         return None
-    if compaction.channels_removed == 0:
+    if not compaction.changed:
         return None
     return net, compaction
 

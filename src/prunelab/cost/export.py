@@ -12,14 +12,18 @@
   The TorchScript-based exporter (``dynamo=False``: fast, one self-contained file) is tried
   first and the ``torch.export``-based one (needs ``onnxscript``) second. The file stores the
   zeros densely: ONNX has no standard sparse-weight execution.
-- ``compact.pt`` and ``model_compact.onnx`` (only when the masks prune whole channels or
-  neurons): the physically smaller dense model of :func:`prunelab.structured.compact`.
-  ``compact.pt`` holds the compacted model's state dict, the input shape it was compacted
-  for and the removed channels, not a pickled module (fragile across code changes). Reload
-  with :func:`load_compact_checkpoint`: it re-runs the compaction on the masked model
-  (same architecture and masks) to rebuild the smaller architecture, then loads the saved
-  state dict into it strictly, so every tensor's shape is checked. The ONNX file is
-  :func:`export_onnx` of the compacted model.
+- ``compact.pt`` and ``model_compact.onnx`` (only when the masks prune whole channels,
+  neurons or residual branches): the physically smaller dense model of
+  :func:`prunelab.structured.compact_with_blocks` (residual blocks whose branch the masks
+  prune whole replaced by their shortcut plus the branch's constant, then the channels
+  removed). ``compact.pt`` holds the compacted model's state dict, the input shape it was
+  compacted for, the removed channels and the removed blocks, not a pickled module (fragile
+  across code changes). Reload with :func:`load_compact_checkpoint`: it re-runs the
+  compaction on the masked model (same architecture and masks) to rebuild the smaller
+  architecture, then loads the saved state dict into it strictly, so every tensor's shape
+  is checked (a file without the removed blocks, written before blocks were removed, is
+  rebuilt by channel compaction alone). The ONNX file is :func:`export_onnx` of the
+  compacted model.
 """
 
 from __future__ import annotations
@@ -244,6 +248,7 @@ def save_compact_checkpoint(
         "state_dict": state,
         "input_shape": [int(s) for s in input_shape],
         "removed": _removed(report),
+        "blocks_removed": [str(b) for b in getattr(report, "blocks_removed", [])],
     }
     torch.save(blob, path)
     return path
@@ -252,16 +257,19 @@ def save_compact_checkpoint(
 def load_compact_checkpoint(
     path: str | Path, model: nn.Module, masks: Mapping[str, torch.Tensor]
 ) -> nn.Module:
-    """The compacted model of ``compact.pt``: :func:`prunelab.structured.compact` of
-    ``model`` under ``masks`` (the run's architecture and final masks; ``model`` is
+    """The compacted model of ``compact.pt``: :func:`prunelab.structured.compact_with_blocks`
+    of ``model`` under ``masks`` (the run's architecture and final masks; ``model`` is
     untouched) with the saved state dict loaded strictly, in eval mode. Raises ConfigError
-    when the file is not a compact checkpoint or does not fit (other channels removed, or
-    any tensor of another shape)."""
-    from prunelab.structured import compact_with_report
+    when the file is not a compact checkpoint or does not fit (other channels or blocks
+    removed, or any tensor of another shape)."""
+    from prunelab.structured import compact_with_blocks, compact_with_report
 
     path = Path(path)
     blob = _load_blob(path, "compact", COMPACT_FORMAT)
-    net, report = compact_with_report(model, masks, blob["input_shape"], check=False)
+    rebuild = compact_with_blocks if "blocks_removed" in blob else compact_with_report
+    net, report = rebuild(model, masks, blob["input_shape"], check=False)
+    if list(report.blocks_removed) != list(blob.get("blocks_removed", [])):
+        raise ConfigError(f"{path} removed other residual blocks than these masks do")
     if _removed(report) != blob["removed"]:
         raise ConfigError(f"{path} removed other channels than these masks do")
     state = blob["state_dict"]
@@ -282,18 +290,19 @@ def export_compact(
 ) -> tuple[dict[str, Path], nn.Module, Any] | str:
     """Compact the masked model and write ``compact.pt`` and ``model_compact.onnx`` to
     ``out_dir``; returns ``({"compact": path, "compact_onnx": path}, compacted model,
-    CompactionReport)``, or, writing nothing, the reason no compaction applies (no channel
-    or neuron pruned whole, or a model :func:`~prunelab.structured.compact` cannot handle).
+    CompactionReport)``, or, writing nothing, the reason no compaction applies (no channel,
+    neuron or residual branch pruned whole, or a model
+    :func:`~prunelab.structured.compact_with_blocks` cannot handle).
     """
-    from prunelab.structured import compact_with_report
+    from prunelab.structured import compact_with_blocks
 
     shape = tuple(int(s) for s in input_shape)
     try:
-        net, report = compact_with_report(model, masks, shape)
+        net, report = compact_with_blocks(model, masks, shape)
     except ConfigError as err:
         return f"compaction failed: {_first_line(err)}"
-    if report.channels_removed == 0:
-        return "the masks prune no channel or neuron whole"
+    if not report.changed:
+        return "the masks prune no channel, neuron or residual branch whole"
     out = Path(out_dir)
     paths = {
         "compact": save_compact_checkpoint(net, report, shape, out / files.EXPORT_COMPACT),

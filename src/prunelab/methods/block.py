@@ -12,9 +12,7 @@ from prunelab.methods.base import MagnitudePruning, Params, PruningMethod
 from prunelab.methods.structured import channels_removed
 from prunelab.sparsity.engine import Context
 from prunelab.sparsity.masks import Masks
-from prunelab.structured import residual_blocks
-
-SHORTCUT_MODULES = ("shortcut", "downsample")
+from prunelab.structured import branch_parameters, residual_blocks
 
 
 class BlockPruning(PruningMethod):
@@ -29,7 +27,8 @@ class BlockPruning(PruningMethod):
     reads zeros, so what survives of the branch is its shift ``β`` (in eval mode ``β - γ
     μ / sqrt(σ² + ε)``, with running statistics that decay towards that): a per-channel bias
     added to the shortcut, no weights. :func:`prunelab.structured.remove_blocks` is the
-    physical removal (it drops that bias as well).
+    physical removal: it keeps that bias (the eval-mode constant) as a per-channel
+    ``ChannelBias`` after the shortcut, so the result equals the masked model in eval mode.
 
     **Importance.** The mean absolute value of the branch's prunable weights (its L1 norm
     divided by its number of weights, so blocks of different widths compare), computed at
@@ -86,13 +85,7 @@ class BlockPruning(PruningMethod):
                 f"pruning=block needs a residual network, and {type(model).__name__} has no "
                 "residual block; choose e.g. model=resnet20 or another pruning method"
             )
-        blocks = {}
-        for block in found:
-            prefix = f"{block}."
-            skip = tuple(f"{prefix}{m}." for m in SHORTCUT_MODULES)
-            branch = [n for n in params if n.startswith(prefix) and not n.startswith(skip)]
-            if branch:
-                blocks[block] = branch
+        blocks = branch_parameters(model, params)
         if not blocks:
             raise ConfigError(
                 "pruning=block: no residual block of the model has a prunable weight in its "

@@ -129,7 +129,9 @@ class CompactionReport:
     convolution); ``folded``: layers whose bias absorbed the constants of removed channels;
     ``bias_maps``: layers that became ``BiasMapConv*d``; ``params_before``/``params_after``:
     parameter counts; ``max_abs_diff``: max |compacted - masked| on the check batch (``None``
-    without the check).
+    without the check); ``blocks_removed``: the residual blocks removed whole
+    (:func:`prunelab.structured.compact_with_blocks`; :func:`compact_with_report` removes
+    none), whose internal channels ``removed`` then lists too.
     """
 
     layers: dict[str, LayerChannels]
@@ -140,11 +142,18 @@ class CompactionReport:
     params_before: int = 0
     params_after: int = 0
     max_abs_diff: float | None = None
+    blocks_removed: list[str] = field(default_factory=list)
 
     @property
     def channels_removed(self) -> int:
-        """Total number of channels removed over all groups."""
+        """Total number of channels removed over all groups (those inside the branches of
+        removed blocks included)."""
         return sum(len(v) for v in self.removed.values())
+
+    @property
+    def changed(self) -> bool:
+        """True when compaction removed anything: a channel or a whole block."""
+        return bool(self.blocks_removed) or self.channels_removed > 0
 
     def table(self) -> str:
         """The changed layers, one line each: ``name  in a -> b  out c -> d``."""
@@ -156,6 +165,8 @@ class CompactionReport:
                 f"{name:<{width}}  {c.in_before:>5} -> {c.in_after:<5}  "
                 f"{c.out_before:>5} -> {c.out_after:<5}"
             )
+        if self.blocks_removed:
+            lines.append(f"blocks removed: {', '.join(self.blocks_removed)}")
         lines.append(f"parameters {self.params_before} -> {self.params_after}")
         return "\n".join(lines)
 
