@@ -97,3 +97,44 @@ def test_static_threshold_reports_the_sparsity_reached(compose_cfg, mode, thresh
     # the record says a threshold, not the ignored sparsity=0.9, decided the sparsity
     assert sparsity["target"] is None
     assert sparsity["threshold"] == {"value": threshold, "mode": mode}
+
+
+def test_static_1x4_blocks_end_block_sparse_at_target(compose_cfg):
+    """Block-sparse masks through the real config: the default MLP's [100, 40], [100, 100]
+    and [10, 100] matrices split into 1x4 blocks; 2x4 given as a list works too."""
+    from prunelab.sparsity.patterns import is_block_sparse
+
+    record = train(
+        compose_cfg(
+            "pruning=static",
+            "sparsity=0.9",
+            "distribution.block=1x4",
+            "cost.enabled=false",
+        )
+    )
+    assert record["status"] == "completed"
+    masks = final_masks(record)
+    assert set(masks) == LAYERS
+    for name, mask in masks.items():
+        assert is_block_sparse(mask, (1, 4)), name
+    slack = len(masks) * 4 / sum(mask.numel() for mask in masks.values())  # a block a layer
+    sparsity = record["sparsity"]
+    assert abs(sparsity["global"] - 0.9) <= slack
+    assert record["best_checkpoint"]["sparsity"] == pytest.approx(sparsity["global"])
+    assert sparsity["method"]["pattern"] == "block" and sparsity["method"]["block"] == "1x4"
+    assert record["config"]["distribution"]["block"] == "1x4"
+
+    from prunelab.config import validate
+
+    validate(compose_cfg("pruning=static", "sparsity=0.9", "distribution.block=[2,4]"))
+    for overrides, needle in (
+        (("distribution.block=4",), "distribution.block=4"),
+        (("distribution.block=1x4", "distribution.n_m=2:4", "sparsity=0.5"), "n_m"),
+        (("distribution.block=1x4", "pruning.threshold=0.1"), "pruning.threshold"),
+    ):
+        with pytest.raises(ConfigError) as err:
+            validate(compose_cfg("pruning=static", *overrides))
+        assert "\n" not in str(err.value) and needle in str(err.value)
+    with pytest.raises(ConfigError) as err:
+        validate(compose_cfg("pruning=rigl", "distribution.block=1x4"))
+    assert "pruning=rigl" in str(err.value)

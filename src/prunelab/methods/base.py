@@ -163,6 +163,23 @@ class PruningMethod:
                 f"distribution.n_m is supported by the magnitude methods (static, gmp), not "
                 f"pruning={self.name}; remove distribution.n_m or choose pruning=static"
             )
+        # Block-sparse masks (None = off): whole R x C blocks of each layer's [out, in*kh*kw]
+        # matrix; built by the same methods as N:M (``supports_block_masks``, by default
+        # ``supports_n_m``).
+        from prunelab.sparsity.patterns import parse_block
+
+        self.mask_block = parse_block(dist.get("block"))
+        block_ok = getattr(self, "supports_block_masks", getattr(self, "supports_n_m", False))
+        if self.mask_block is not None and not self.is_dense and not block_ok:
+            raise ConfigError(
+                f"distribution.block is supported by the magnitude methods (static, gmp), not "
+                f"pruning={self.name}; remove distribution.block or choose pruning=static"
+            )
+        if self.mask_block is not None and self.n_m is not None:
+            raise ConfigError(
+                "distribution.block and distribution.n_m exclude each other (whole blocks vs "
+                "N of every M weights); set one of them to null"
+            )
         if self.budget not in BUDGETS:
             raise ConfigError(
                 f"distribution.budget must be one of {', '.join(BUDGETS)}, got "
@@ -355,6 +372,18 @@ class MagnitudePruning(PruningMethod):
         need ``distribution.budget=pruned``, and a pruned layer whose input dimension is not a
         multiple of M is an error when training starts.
 
+        ``distribution.block="RxC"``: every pruning step keeps whole ``R x C`` blocks of each
+        pruned layer's ``[out, in * kh * kw]`` matrix (:mod:`prunelab.sparsity.patterns`),
+        ranked by the L2 norm of their weights' ``prune_scores``: a layer whose budget from
+        the distribution (uniform/er/erk) is ``keep`` weights keeps its top
+        ``round(keep / (R * C))`` blocks (at least one while ``keep > 0``); ``global`` gives
+        every block its norm per weight (``norm / sqrt(R * C)``, broadcast to its weights)
+        and takes the budget over all layers by one threshold, then each layer rounds to
+        whole blocks. The sparsity so ends within one block per layer of the target, which
+        ``at_target`` accepts. Pruned blocks stay pruned; a pruned layer whose matrix does
+        not split into whole blocks is an error when training starts (keep it dense or pick
+        a block size that divides it). Excludes ``n_m`` and ``threshold``.
+
         ``threshold``: one-shot magnitude pruning only (``static``): at the pruning step every
         layer not kept dense loses its weights with ``|w| < θ``, ``θ = threshold``
         (``threshold_mode=absolute``) or ``threshold`` times the layer's weight standard
@@ -375,6 +404,11 @@ class MagnitudePruning(PruningMethod):
             raise ConfigError(
                 "pruning.threshold and distribution.n_m exclude each other (a threshold "
                 "decides the count, N:M fixes it); set one of them to null"
+            )
+        if self.threshold is not None and self.mask_block is not None:
+            raise ConfigError(
+                "pruning.threshold and distribution.block exclude each other (a threshold "
+                "prunes single weights, blocks go whole); set one of them to null"
             )
         if self.n_m is not None:
             n, m = self.n_m
@@ -402,6 +436,12 @@ class MagnitudePruning(PruningMethod):
             for name, shape in self.shapes.items():
                 if name not in self.dense:
                     check_n_m_shape(name, shape, self.n_m[1])
+        if self.mask_block is not None:
+            from prunelab.sparsity.patterns import check_block_shape
+
+            for name, shape in self.shapes.items():
+                if name not in self.dense:
+                    check_block_shape(name, shape, self.mask_block)
 
     def build_schedule(self) -> None:
         cfg = self.schedule_cfg
@@ -423,6 +463,8 @@ class MagnitudePruning(PruningMethod):
             return self.threshold_update(params, masks)
         if self.n_m is not None:
             return self.n_m_update(step, params, masks, ctx)
+        if self.mask_block is not None:
+            return self.block_update(step, params, masks, ctx)
         target = self.schedule.sparsity_at(step, self.sparsity)
         scores = self.prune_scores(params, ctx)
         # Pruned weights are never revived: rank them below every active one.
@@ -459,12 +501,77 @@ class MagnitudePruning(PruningMethod):
             }
         )
 
+    def block_update(self, step: int, params: Params, masks: Masks, ctx: Context) -> Masks:
+        """Keep whole ``R x C`` blocks: each pruned layer its top ``round(keep / (R * C))``
+        active blocks by the L2 norm of their ``prune_scores``, ``keep`` the layer's count
+        from the distribution at the scheduled sparsity (``global``: one threshold over the
+        blocks of all layers by their norm per weight); kept-dense layers are unchanged."""
+        from prunelab.sparsity.patterns import block_mask, block_scores
+
+        r, c = self.mask_block
+        target = self.schedule.sparsity_at(step, self.sparsity)
+        scores = self.prune_scores(params, ctx)
+        ranked = None
+        if self.distribution.strip().lower() == "global":
+            # Every weight carries its block's norm per weight; pruned blocks rank last.
+            ranked = {}
+            for name, score in scores.items():
+                if name in self.dense:
+                    continue
+                rows = score.shape[0]
+                per = block_scores(score, (r, c)) / math.sqrt(r * c)
+                live = masks[name].reshape(rows // r, r, -1, c).any(dim=3).any(dim=1)
+                per = torch.where(live.to(per.device), per, torch.full_like(per, -1.0))
+                grid = per[:, None, :, None].expand(per.shape[0], r, per.shape[1], c)
+                ranked[name] = grid.reshape(score.shape)
+        counts = self.keep_counts(target, scores=ranked, generator=ctx.generator(-1, "ties-global"))
+        return Masks(
+            {
+                name: masks[name]
+                if name in self.dense
+                else block_mask(
+                    scores[name],
+                    min(counts[name], int(masks[name].sum())),
+                    (r, c),
+                    masks[name],
+                    self.tie_generator(ctx, i, "prune"),
+                )
+                for i, name in enumerate(params)
+            }
+        )
+
     def at_target(self, masks: Masks) -> bool:
         # A threshold's sparsity is known only after its one pruning step: the masks are
         # final as soon as they prune anything.
         if self.threshold is not None:
             return masks.sparsity() > 0.0
+        if self.mask_block is not None:
+            # Whole blocks: each layer ends within one block of its budget.
+            names = (
+                [n for n in masks if n not in self.dense]
+                if self.budget == "pruned"
+                else list(masks)
+            )
+            total = sum(masks[n].numel() for n in names)
+            if not total:
+                return True
+            slack = len(masks) * self.mask_block[0] * self.mask_block[1] / total
+            return masks.sparsity(names) >= self.sparsity_target() - slack - 1e-9
         return super().at_target(masks)
+
+    def report(self, masks: Masks) -> dict[str, Any]:
+        """The mask pattern the run used, for tables to group by: ``pattern`` (``block``,
+        ``n_m``, ``threshold`` or ``unstructured``), ``block`` (``"RxC"`` or None) and
+        ``n_m`` (``"N:M"`` or None); with a target sparsity also the target, the realised
+        sparsity and their distance."""
+        block = f"{self.mask_block[0]}x{self.mask_block[1]}" if self.mask_block else None
+        n_m = f"{self.n_m[0]}:{self.n_m[1]}" if self.n_m else None
+        if self.threshold is not None:
+            pattern = "threshold"
+        else:
+            pattern = "block" if block else "n_m" if n_m else "unstructured"
+        head = {} if self.threshold is not None else self.target_report(masks)
+        return {**head, "pattern": pattern, "block": block, "n_m": n_m}
 
     def threshold_update(self, params: Params, masks: Masks) -> Masks:
         """Prune the active weights with ``|w| < θ`` in every layer not kept dense."""

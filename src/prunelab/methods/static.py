@@ -13,7 +13,10 @@ class StaticMagnitude(MagnitudePruning):
 
     ``distribution.n_m=N:M`` (with ``sparsity=1-N/M``) prunes every group of M consecutive
     weights along the input dimension to its N largest magnitudes instead;
-    ``pruning.threshold`` prunes ``|w| < θ`` instead, ``θ`` absolute or times each layer's
+    ``distribution.block=RxC`` keeps whole ``R x C`` blocks of each layer's
+    ``[out, in * kh * kw]`` matrix, the ``round(keep / (R * C))`` with the largest L2 norm
+    (``keep``: the layer's count from the distribution), so each layer ends within one block
+    of its budget; ``pruning.threshold`` prunes ``|w| < θ`` instead, ``θ`` absolute or times each layer's
     weight std (``pruning.threshold_mode``), and ``sparsity`` is then ignored (see
     :class:`~prunelab.methods.base.MagnitudePruning`).
     """

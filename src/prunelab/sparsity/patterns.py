@@ -1,4 +1,4 @@
-"""Mask patterns beyond a per-layer count: N:M semi-structured groups and magnitude thresholds.
+"""Mask patterns beyond a per-layer count: N:M groups, block-sparse masks, magnitude thresholds.
 
 N:M (Mishra et al. 2021, "Accelerating sparse deep neural networks", arXiv:2104.08378; NVIDIA's
 ASP in apex.contrib.sparsity): in every group of ``M`` consecutive weights along the input
@@ -16,6 +16,16 @@ Thresholds (Han et al. 2015, "Learning both weights and connections for efficien
 networks"): prune ``|w| < θ``, with ``θ`` given directly (``absolute``) or as a multiple of
 each layer's weight standard deviation (``std``, the "quality parameter" times the std, as
 Distiller's sensitivity pruner computes it: ``torch.std`` with Bessel's correction).
+
+Block-sparse masks (Narang et al. 2017, "Block-sparse recurrent neural networks",
+arXiv:1711.02782; Gray et al. 2017, "GPU kernels for block-sparse weights", OpenAI,
+arXiv:1711.09224): whole ``R x C`` blocks of a layer are kept or pruned, the pattern a BSR
+(block sparse row) kernel multiplies. Blocks tile the 2-D view of the weight,
+``weight.reshape(out, -1)`` (Linear ``[out, in]``; convolution ``[out, in * kh * kw]``): R
+rows (output units) by C columns. Both sides must divide the layer's matrix (no ragged edge
+blocks). A block's score is the L2 norm of its weights' scores (with ``|w|``, the block's
+Frobenius norm, the group norm of the group-lasso variant of Narang et al.; at ``1x1`` it is
+``|w|`` itself).
 """
 
 from __future__ import annotations
@@ -31,11 +41,17 @@ from prunelab.errors import ConfigError
 
 __all__ = [
     "THRESHOLD_MODES",
+    "block_count",
+    "block_mask",
+    "block_scores",
+    "check_block_shape",
     "check_n_m_shape",
     "check_threshold",
     "from_groups",
+    "is_block_sparse",
     "is_n_m",
     "n_m_mask",
+    "parse_block",
     "parse_n_m",
     "threshold_mask",
     "to_groups",
@@ -43,6 +59,8 @@ __all__ = [
 
 THRESHOLD_MODES = ("absolute", "std")
 _N_M = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
+_BLOCK = re.compile(r"^\s*(\d+)\s*[xX\u00d7]\s*(\d+)\s*$")
+_BLOCK_HOW = "write it as 'RxC' (rows x columns), e.g. distribution.block=1x4, 4x4 or [4,4]"
 
 
 # --------------------------------------------------------------------------------------
@@ -150,6 +168,141 @@ def is_n_m(mask: torch.Tensor, n: int, m: int) -> bool:
     except ConfigError:
         return False
     return bool((to_groups(mask.bool(), m).sum(dim=1) == n).all())
+
+
+# --------------------------------------------------------------------------------------
+# block-sparse masks
+# --------------------------------------------------------------------------------------
+
+
+def parse_block(value: Any) -> tuple[int, int] | None:
+    """``"1x4"`` (or ``"1X4"``, ``"1×4"``, ``[1, 4]``) -> ``(1, 4)``; ``None`` or ``""`` ->
+    ``None`` (off).
+
+    ``R`` rows (output units) by ``C`` columns of the layer's ``[out, in * kh * kw]`` matrix,
+    both integers >= 1. A bare number (``4``) is an error rather than a guess between
+    ``1x4`` and ``4x4``; anything malformed is a one-line :class:`ConfigError`.
+    """
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    if isinstance(value, bool):
+        pair = None
+    elif isinstance(value, (int, float)) or (isinstance(value, str) and value.strip().isdigit()):
+        raise ConfigError(
+            f"distribution.block={value!r} is one number, ambiguous between 1xN and NxN "
+            f"blocks; {_BLOCK_HOW}"
+        )
+    elif isinstance(value, str):
+        match = _BLOCK.match(value)
+        pair = (int(match.group(1)), int(match.group(2))) if match else None
+    elif isinstance(value, Sequence) and len(value) == 2:
+        ok = all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+        pair = (int(value[0]), int(value[1])) if ok else None
+    else:
+        pair = None
+    if pair is None:
+        raise ConfigError(f"distribution.block={value!r} is not a block size; {_BLOCK_HOW}")
+    if min(pair) < 1:
+        raise ConfigError(f"distribution.block={value!r} needs R >= 1 and C >= 1; {_BLOCK_HOW}")
+    return pair
+
+
+def _matrix_shape(shape: Sequence[int]) -> tuple[int, int]:
+    """The 2-D view ``[out, rest]`` of a weight of ``shape`` (``weight.reshape(out, -1)``)."""
+    dims = tuple(int(d) for d in shape)
+    if not dims:
+        return 0, 0
+    return dims[0], math.prod(dims[1:])
+
+
+def check_block_shape(name: str, shape: Sequence[int], block: tuple[int, int]) -> None:
+    """One-line :class:`ConfigError` unless ``name``'s ``[out, in * kh * kw]`` matrix splits
+    into whole ``R x C`` blocks; it suggests the largest block size within ``block`` that
+    does, or keeping the layer dense."""
+    r, c = block
+    rows, cols = _matrix_shape(shape)
+    if rows >= 1 and cols >= 1 and rows % r == 0 and cols % c == 0:
+        return
+    dims = tuple(int(d) for d in shape)
+    fits = f"{math.gcd(r, rows) or 1}x{math.gcd(c, cols) or 1}"
+    raise ConfigError(
+        f"layer '{name}' (weight {dims}, a {rows}x{cols} matrix) does not split into "
+        f"{r}x{c} blocks; use a block size that divides it (e.g. distribution.block={fits}) "
+        "or keep the layer dense (distribution.dense_first/dense_last)"
+    )
+
+
+def _to_blocks(tensor: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
+    """``tensor`` as ``[rows / R, R, cols / C, C]`` (its 2-D view cut into blocks)."""
+    r, c = block
+    rows, cols = _matrix_shape(tensor.shape)
+    return tensor.reshape(rows // r, r, cols // c, c)
+
+
+def block_scores(scores: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
+    """``[rows / R, cols / C]``: the L2 norm of ``scores`` over every ``R x C`` block."""
+    check_block_shape("scores", tuple(scores.shape), block)
+    blocks = _to_blocks(scores.detach().float(), block)
+    return blocks.pow(2).sum(dim=(1, 3)).sqrt()
+
+
+def block_count(keep: int, block: tuple[int, int]) -> int:
+    """Blocks kept for a budget of ``keep`` weights: ``keep / (R * C)`` rounded to the nearest
+    integer (halves up), and at least one block while ``keep > 0``, so a layer ends within one
+    block of its budget and never empty unless its budget is zero."""
+    if keep <= 0:
+        return 0
+    return max(1, math.floor(keep / (block[0] * block[1]) + 0.5))
+
+
+def block_mask(
+    scores: torch.Tensor,
+    keep: int,
+    block: tuple[int, int],
+    active: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Bool mask, shaped like ``scores``, of the :func:`block_count` ``(keep)`` whole ``R x C``
+    blocks with the highest :func:`block_scores` (see module doc).
+
+    Blocks holding an ``active`` entry (if given) rank before the others, so a pruned block
+    is revived only if too few active ones remain (never when ``keep`` only falls over time);
+    NaN block scores rank last among their kind. Exact ties are broken at random with
+    ``generator`` (a random order before a stable sort, so distinct scores keep their order),
+    or by lowest block index (row-major over the block grid) without one.
+    """
+    shape = tuple(scores.shape)
+    check_block_shape("scores", shape, block)
+    per_block = block_scores(scores, block)
+    grid = per_block.shape
+    key = torch.nan_to_num(per_block.flatten(), nan=-math.inf)
+    n_blocks = key.numel()
+    count = min(block_count(int(keep), block), n_blocks)
+    if generator is not None:
+        perm = torch.randperm(n_blocks, generator=generator).to(key.device)
+    else:
+        perm = torch.arange(n_blocks, device=key.device)
+    order = perm[key[perm].sort(descending=True, stable=True).indices]
+    if active is not None:
+        live = _to_blocks(active.to(key.device).bool(), block).any(dim=3).any(dim=1).flatten()
+        first = live[order].to(torch.uint8).sort(descending=True, stable=True).indices
+        order = order[first]
+    kept = torch.zeros(n_blocks, dtype=torch.bool, device=key.device)
+    kept[order[:count]] = True
+    r, c = block
+    mask = kept.view(grid[0], 1, grid[1], 1).expand(grid[0], r, grid[1], c)
+    return mask.reshape(shape).contiguous()
+
+
+def is_block_sparse(mask: torch.Tensor, block: tuple[int, int]) -> bool:
+    """Whether every ``R x C`` block of ``mask``'s 2-D view is all True or all False (and
+    the view splits into whole blocks)."""
+    try:
+        check_block_shape("mask", tuple(mask.shape), block)
+    except ConfigError:
+        return False
+    blocks = _to_blocks(mask.bool(), block)
+    return bool((blocks.all(dim=3).all(dim=1) == blocks.any(dim=3).any(dim=1)).all())
 
 
 # --------------------------------------------------------------------------------------
