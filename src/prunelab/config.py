@@ -481,6 +481,47 @@ def _check_keys(
             )
 
 
+# Command-line flags that bring in config files from elsewhere than the config folder.
+_CONFIG_SOURCE_FLAGS = ("--config-dir", "-cd", "--config-path", "-cp", "--config-name", "-cn")
+
+
+def _may_enforce_tags(argv: list[str], conf_dir: Path, config_name: str) -> bool:
+    """Whether ``extras.enforce_tags`` can be on for this command line, read from the text
+    of the command line and the config files (a few milliseconds), so that
+    :func:`check_sweep_tags` composes the config only when it can matter: False when the root
+    config sets it to false and no other config file and no override mentions it (nor
+    ``extras`` as a whole, nor another config folder)."""
+    import yaml
+
+    for arg in argv:
+        key = arg.partition("=")[0].lstrip("+~")
+        if (
+            "enforce_tags" in arg
+            or key == "extras"
+            or "searchpath" in key
+            or arg.partition("=")[0] in _CONFIG_SOURCE_FLAGS
+        ):
+            return True
+    root = conf_dir / f"{config_name}.yaml"
+    try:
+        content = yaml.safe_load(root.read_text()) or {}
+        extras = content.get("extras") or {}
+        # Other configs at the top (roots such as eval.yaml) count only if the root includes them.
+        included = {str(e) for e in content.get("defaults") or [] if not isinstance(e, dict)}
+    except (OSError, yaml.YAMLError, AttributeError):
+        return True
+    if not isinstance(extras, dict) or extras.get("enforce_tags", False) is not False:
+        return True
+    for path in conf_dir.rglob("*.yaml"):
+        if path != root and (path.parent != conf_dir or path.stem in included):
+            try:
+                if "enforce_tags" in path.read_text():
+                    return True
+            except OSError:
+                return True
+    return False
+
+
 def check_sweep_tags(
     argv: list[str], conf_dir: Path = CONF_DIR, config_name: str = "train"
 ) -> None:
@@ -489,12 +530,15 @@ def check_sweep_tags(
 
     The config is composed once as the first job would see it; a sweep is ``-m`` on the
     command line or ``hydra.mode: MULTIRUN`` in the composed config (``hparams_search``).
-    Composition errors are left for Hydra to report.
+    Composition errors are left for Hydra to report. When nothing can switch the check on
+    (:func:`_may_enforce_tags`), nothing is composed: Hydra composes the config itself.
     """
     from hydra import compose, initialize_config_dir
     from hydra.types import RunMode
 
-    if any(arg in _INFO_FLAGS for arg in argv):
+    if any(arg in _INFO_FLAGS for arg in argv) or not _may_enforce_tags(
+        argv, conf_dir, config_name
+    ):
         return
     overrides = _first_overrides([a for a in argv if not a.startswith("-") and "=" in a])
     try:

@@ -27,7 +27,7 @@ from prunelab.config import (
     validate,
 )
 from prunelab.errors import ConfigError
-from prunelab.tracking import artifacts, wandb_setup
+from prunelab.tracking import artifacts, startup, wandb_setup
 from prunelab.tracking.results import (
     RunRecord,
     code_version,
@@ -395,6 +395,7 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> dict[str, Any]:
 
     from prunelab.tracking.extras import apply_extras
 
+    startup.mark("framework")
     run_dir = Path(cfg.paths.output_dir)
     try:
         validate(cfg)
@@ -512,6 +513,7 @@ def fit_and_record(
     from prunelab.tracking.profiler import NullProfiler
     from prunelab.tracking.progress import ThrottledRichProgressBar
 
+    startup.mark("built")
     if config is None:
         config = OmegaConf.to_container(cfg, resolve=True)
     unpruned = _unpruned(built)
@@ -520,13 +522,19 @@ def fit_and_record(
     progress = []
     if cfg.trainer.get("enable_progress_bar", True):
         progress.append(ThrottledRichProgressBar(leave=True))
+    if startup.enabled():
+        progress.append(startup.callback())
     loggers = _loggers(cfg, run_dir, config, name, group=group, tags=tags)
-    wandb_logger = next((lg for lg in loggers if type(lg).__name__ == "WandbLogger"), None)
+    wandb_logger = next((lg for lg in loggers if hasattr(lg, "trainer_view")), None)
     try:
+        if wandb_logger is not None:
+            # W&B starts while the Trainer is built, the data set up and the first steps
+            # run; what is logged meanwhile reaches the run in order (tracking.wandb_logger).
+            wandb_logger.start()
         trainer = _instantiate(
             cfg.trainer,
             "trainer",
-            logger=loggers,
+            logger=[wandb_setup.for_trainer(lg) for lg in loggers],
             callbacks=[checkpoint, *configured, *progress, *(callbacks or [])],
             default_root_dir=str(run_dir),
             **({} if cfg.trainer.get("profiler") else {"profiler": NullProfiler()}),
@@ -537,6 +545,7 @@ def fit_and_record(
         if is_main_process() and artifacts.enabled(wandb_logger):
             resumed = [artifacts.checkpoint_ref(resume)] if resume else []
             artifacts.use_inputs(wandb_logger, [*(artifact_inputs or []), *resumed])
+        startup.mark("trainer")
         trainer.fit(built["module"], datamodule=built["datamodule"], ckpt_path=resume)
         fit_s = time.time() - start
         fit_metrics = dict(trainer.callback_metrics)
@@ -595,6 +604,7 @@ def _hydra_main(cfg: DictConfig) -> float | list[float] | None:
     is one error line and None (a failed trial in a sweep; the run itself is complete)."""
     from prunelab.config import optimized_metrics
 
+    startup.mark("config")
     try:
         result = train(cfg)
     except ConfigError as err:
@@ -628,6 +638,7 @@ def _hydra_main(cfg: DictConfig) -> float | list[float] | None:
 
 def main() -> None:
     """Console entry: check the command line, then run the Hydra app."""
+    startup.mark("imports")
     os.environ.setdefault("PROJECT_ROOT", str(CONF_DIR.parent))
     try:
         check_overrides(sys.argv[1:])

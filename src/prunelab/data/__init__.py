@@ -10,7 +10,14 @@ methods and, after setup, ``num_train_samples``.
 The validation set is a seeded random ``val_fraction`` of the training set; the test set is the
 official test split. The small datasets (mnist1d, digits, mnist, fashion_mnist) live in memory
 and are served by :class:`TensorBatchLoader`; CIFAR uses torchvision and DataLoader workers.
+The modules that use torchvision (MNIST, Fashion-MNIST, CIFAR) are imported on first use.
 """
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Iterator, Mapping
+from typing import Any
 
 from prunelab.data.base import (
     BaseDataModule,
@@ -21,22 +28,59 @@ from prunelab.data.base import (
     epoch_permutation,
     split_indices,
 )
-from prunelab.data.idx import DEBIAN_FASHION_MNIST_DIR, FashionMNISTDataModule, MNISTDataModule
 from prunelab.data.memory import DigitsDataModule, MNIST1DDataModule
-from prunelab.data.vision import CIFAR10DataModule, CIFAR100DataModule
+
+# The datasets read with torchvision are imported on first use (``prunelab.data.CIFAR10DataModule``
+# imports torchvision then), so that a run on the other datasets never imports it.
+_LAZY = {
+    "DEBIAN_FASHION_MNIST_DIR": "prunelab.data.idx",
+    "FashionMNISTDataModule": "prunelab.data.idx",
+    "MNISTDataModule": "prunelab.data.idx",
+    "CIFAR10DataModule": "prunelab.data.vision",
+    "CIFAR100DataModule": "prunelab.data.vision",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_LAZY])
+
+
+class _Classes(Mapping):
+    """``{option name: class}`` whose classes are imported when looked up."""
+
+    def __init__(self, names: dict[str, str]) -> None:
+        self._names = names
+
+    def __getitem__(self, key: str) -> Any:
+        return getattr(importlib.import_module(__name__), self._names[key])
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
 
 #: Hydra option name (``conf/dataset/<name>.yaml``) -> datamodule class.
-DATAMODULES: dict[str, type[BaseDataModule]] = {
-    cls.name: cls
-    for cls in (
-        MNIST1DDataModule,
-        DigitsDataModule,
-        MNISTDataModule,
-        FashionMNISTDataModule,
-        CIFAR10DataModule,
-        CIFAR100DataModule,
-    )
-}
+DATAMODULES: Mapping[str, type[BaseDataModule]] = _Classes(
+    {
+        "mnist1d": "MNIST1DDataModule",
+        "digits": "DigitsDataModule",
+        "mnist": "MNISTDataModule",
+        "fashion_mnist": "FashionMNISTDataModule",
+        "cifar10": "CIFAR10DataModule",
+        "cifar100": "CIFAR100DataModule",
+    }
+)
 
 __all__ = [
     "DATAMODULES",

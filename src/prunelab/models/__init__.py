@@ -6,7 +6,9 @@ a model that cannot handle it raises :class:`prunelab.errors.ConfigError` when b
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import importlib
+from collections.abc import Iterator, Mapping
+from typing import Any
 
 from torch import nn
 
@@ -14,25 +16,61 @@ from prunelab.models.cnn1d import MNIST1DCNN
 from prunelab.models.conv import Conv4, Conv6
 from prunelab.models.lenet import LeNet5
 from prunelab.models.mlp import MLP, LeNet300_100
-from prunelab.models.resnet18 import ResNet18
 from prunelab.models.resnet_cifar import CifarResNet, ResNet20, ResNet32, ResNet56
 from prunelab.models.vgg import VGG16
 from prunelab.models.wrn import WRN22_2, WideResNet
 
-MODELS: dict[str, type[nn.Module]] = {
-    "mlp": MLP,
-    "lenet300_100": LeNet300_100,
-    "lenet5": LeNet5,
-    "mnist1d_cnn": MNIST1DCNN,
-    "conv4": Conv4,
-    "conv6": Conv6,
-    "resnet20": ResNet20,
-    "resnet32": ResNet32,
-    "resnet56": ResNet56,
-    "vgg16": VGG16,
-    "wrn22_2": WRN22_2,
-    "resnet18": ResNet18,
-}
+# Models built on torchvision's are imported on first use (``prunelab.models.ResNet18``), so
+# that a run with another model never imports torchvision.
+_LAZY = {"ResNet18": "prunelab.models.resnet18"}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_LAZY])
+
+
+class _Classes(Mapping):
+    """``{option name: class}`` whose classes are imported when looked up."""
+
+    def __init__(self, names: dict[str, str]) -> None:
+        self._names = names
+
+    def __getitem__(self, key: str) -> type[nn.Module]:
+        return getattr(importlib.import_module(__name__), self._names[key])
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+
+#: Hydra option name (``conf/model/<name>.yaml``) -> model class.
+MODELS: Mapping[str, type[nn.Module]] = _Classes(
+    {
+        "mlp": "MLP",
+        "lenet300_100": "LeNet300_100",
+        "lenet5": "LeNet5",
+        "mnist1d_cnn": "MNIST1DCNN",
+        "conv4": "Conv4",
+        "conv6": "Conv6",
+        "resnet20": "ResNet20",
+        "resnet32": "ResNet32",
+        "resnet56": "ResNet56",
+        "vgg16": "VGG16",
+        "wrn22_2": "WRN22_2",
+        "resnet18": "ResNet18",
+    }
+)
 
 PRUNABLE_TYPES: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Linear)
 

@@ -11,6 +11,7 @@ import logging
 import netrc
 import os
 import socket
+import sys
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -78,20 +79,22 @@ def make_wandb_logger(
     Runs are grouped by ``group`` (the config hash: all seeds of one cell) unless the
     config names a group. ``wandb_cfg["artifacts"]`` (default true) travels with the logger
     (:data:`prunelab.tracking.artifacts.ENABLED_ATTR`): whether the run logs and declares
-    artifacts (:mod:`prunelab.tracking.artifacts`).
+    artifacts (:mod:`prunelab.tracking.artifacts`). The logger is a
+    :class:`~prunelab.tracking.wandb_logger.BackgroundWandbLogger`: its ``start()`` starts
+    the W&B run in the background (the run starts on first use otherwise); W&B itself is
+    imported only there, never when W&B is off.
     """
     if not wandb_cfg.get("enabled", True):
         return None
     mode = resolve_mode(str(wandb_cfg.get("mode", "auto")))
     if mode == "disabled":
         return None
-    import wandb
-    from pytorch_lightning.loggers import WandbLogger
+    from prunelab.tracking.wandb_logger import BackgroundWandbLogger
 
     os.environ.setdefault("WANDB_SILENT", "true")
     save_dir = run_dir
     save_dir.mkdir(parents=True, exist_ok=True)
-    logger = WandbLogger(
+    logger = BackgroundWandbLogger(
         project=wandb_cfg.get("project", "prunelab"),
         entity=wandb_cfg.get("entity"),
         group=wandb_cfg.get("group") or group,
@@ -100,18 +103,28 @@ def make_wandb_logger(
         save_dir=str(save_dir),
         mode=mode,
         config=config,
-        settings=wandb.Settings(init_timeout=60, console="off", x_disable_stats=True),
+        settings={"init_timeout": 60, "console": "off", "x_disable_stats": True},
     )
     setattr(logger, artifacts.ENABLED_ATTR, bool(wandb_cfg.get("artifacts", True)))
     return logger
 
 
-def finish() -> None:
-    """Close the current W&B run if there is one (safe to call always)."""
-    try:
-        import wandb
+def for_trainer(logger: Any) -> Any:
+    """What to give a Trainer in place of ``logger``: a W&B logger's view that does not wait
+    for its background start (:meth:`BackgroundWandbLogger.trainer_view`), else the logger."""
+    view = getattr(logger, "trainer_view", None)
+    return view() if callable(view) else logger
 
-        if wandb.run is not None:
+
+def finish() -> None:
+    """Close the current W&B run if there is one (safe to call always; W&B is not imported
+    when nothing imported it). Waits for a run still starting in the background first."""
+    try:
+        starting = sys.modules.get("prunelab.tracking.wandb_logger")
+        if starting is not None:
+            starting.wait_for_starts()
+        wandb = sys.modules.get("wandb")
+        if wandb is not None and wandb.run is not None:
             wandb.finish()
     except Exception as err:  # never let W&B shutdown hide the run's own outcome
         log.warning("W&B finish failed: %s", err)
