@@ -49,14 +49,13 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import sys
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchvision.models.resnet import BasicBlock as TorchvisionBasicBlock
-from torchvision.models.resnet import Bottleneck as TorchvisionBottleneck
 
 from prunelab.errors import ConfigError
 from prunelab.models.base import check_input_shape
@@ -99,6 +98,13 @@ class ChannelBias(nn.Module):
         return f"{self.bias.numel()}"
 
 
+def _torchvision_blocks() -> tuple[type, ...]:
+    """torchvision's ResNet block classes, or none when torchvision's ResNet module has not
+    been imported (then no model can hold them; importing it would cost start-up time)."""
+    resnet = sys.modules.get("torchvision.models.resnet")
+    return (resnet.BasicBlock, resnet.Bottleneck) if resnet is not None else ()
+
+
 def _shortcut_kind(block: nn.Module) -> str | None:
     """The block's shortcut kind, or ``None`` when ``block`` is not a supported block."""
     if isinstance(block, CifarBasicBlock):
@@ -107,7 +113,7 @@ def _shortcut_kind(block: nn.Module) -> str | None:
         return "zero_pad" if isinstance(block.shortcut, _PadShortcut) else "projection"
     if isinstance(block, _PreActBlock):
         return "identity" if block.shortcut is None else "projection"
-    if isinstance(block, (TorchvisionBasicBlock, TorchvisionBottleneck)):
+    if isinstance(block, _torchvision_blocks()):
         return "identity" if block.downsample is None else "projection"
     return None
 
@@ -174,9 +180,10 @@ def _branch_layers(block: nn.Module) -> list[tuple[str, nn.Module]]:
 
 def _branch(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """The residual branch of a supported block (as its ``forward`` computes it)."""
-    if isinstance(block, (CifarBasicBlock, TorchvisionBasicBlock)):
+    tv = _torchvision_blocks()
+    if isinstance(block, (CifarBasicBlock, *tv[:1])):
         return block.bn2(block.conv2(F.relu(block.bn1(block.conv1(x)))))
-    if isinstance(block, TorchvisionBottleneck):
+    if isinstance(block, tv[1:]):
         out = F.relu(block.bn1(block.conv1(x)))
         out = F.relu(block.bn2(block.conv2(out)))
         return block.bn3(block.conv3(out))
