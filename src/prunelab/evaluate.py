@@ -211,6 +211,7 @@ def evaluate_and_export(
         "files": {name: str(path) for name, path in paths.items()},
     }
     report["sparse_vs_state_dict"] = report["bytes"]["state_dict"] / report["bytes"]["sparse"]
+    _quantized_exports(report, run_dir, model, masks, dm, test, out)
     compacted = export_compact(model, masks, shape, out)
     if isinstance(compacted, str):
         report["compact"], report["compact_reason"] = None, compacted
@@ -239,6 +240,77 @@ def evaluate_and_export(
         }
     write_json_atomic(out / files.EXPORT_REPORT, report)
     return report
+
+
+def _quantized_exports(
+    report: dict[str, Any],
+    run_dir: Path,
+    model: Any,
+    masks: Any,
+    dm: Any,
+    test: list,
+    out: Path,
+    bits: int = 6,
+) -> None:
+    """Add the quantized artefacts to ``report`` (written to ``out``, reloaded and tested):
+    ``sparse_int8.pt`` (packed mask + int8 values), ``model_int8.onnx`` (onnxruntime static
+    int8, calibrated on 16 training batches), ``deep_compression.bin`` (k-means weight
+    sharing at ``bits`` bits without centroid fine-tuning, relative indices, Huffman coding);
+    and, when the run quantized itself (conf/quantize), its int8 / deep-compression files
+    reloaded against the accuracy its record holds."""
+    from prunelab.cost.export import load_sparse_checkpoint, save_sparse_checkpoint
+    from prunelab.quantize import (
+        load_compressed,
+        load_int8,
+        quantize_int8,
+        save_compressed,
+        share_weights,
+    )
+
+    shape = tuple(dm.input_shape)
+    paths = {
+        "sparse_int8": out / files.EXPORT_SPARSE_INT8,
+        "onnx_int8": out / files.EXPORT_ONNX_INT8,
+    }
+    save_sparse_checkpoint(model, masks, paths["sparse_int8"], values="int8")
+    sparse8 = load_sparse_checkpoint(paths["sparse_int8"], copy.deepcopy(model)).eval()
+    report["test_acc"]["sparse_int8"] = accuracy(sparse8, test)
+    int8 = quantize_int8(model, masks, list(dm.train_dataloader()), shape, paths["onnx_int8"])
+    report["test_acc"]["onnx_int8"] = accuracy(load_int8(paths["onnx_int8"]), test)
+    report["int8"] = {"layers_fp32": int8.report.fp32, "note": int8.report.note}
+    shared_model = copy.deepcopy(model).cpu()
+    shared = share_weights(shared_model, masks, bits)
+    paths["deep_compression"] = out / files.DEEP_COMPRESSION
+    compressed = save_compressed(shared_model, masks, shared, paths["deep_compression"])
+    reloaded = load_compressed(paths["deep_compression"], copy.deepcopy(model)).eval()
+    report["test_acc"]["deep_compression"] = accuracy(reloaded, test)
+    report["deep_compression"] = {
+        "bits": bits,
+        "centroid_finetuning": False,
+        "ratio_vs_dense_file": compressed.ratio_vs_dense_file,
+        "parts": compressed.parts,
+    }
+    for name, path in paths.items():
+        report["bytes"][name] = path.stat().st_size
+        report["files"][name] = str(path)
+    # the run's own quantized files (quantize=int8_ptq/qat/deep_compression)
+    record = read_record(run_dir) or {}
+    cost = record.get("cost") or {}
+    qdir = files.quantize_dir(run_dir)
+    checks = {}
+    if (qdir / files.QUANT_INT8_ONNX).is_file() and "quant_accuracy_int8" in cost:
+        acc = accuracy(load_int8(qdir / files.QUANT_INT8_ONNX), test)
+        checks["int8"] = {"recorded": cost["quant_accuracy_int8"], "reloaded": acc}
+        report["bytes"]["run_onnx_int8"] = (qdir / files.QUANT_INT8_ONNX).stat().st_size
+    if (qdir / files.DEEP_COMPRESSION).is_file() and "quant_accuracy_shared" in cost:
+        net = load_compressed(qdir / files.DEEP_COMPRESSION, copy.deepcopy(model)).eval()
+        checks["deep_compression"] = {
+            "recorded": cost["quant_accuracy_shared"],
+            "reloaded": accuracy(net, test),
+        }
+        report["bytes"]["run_deep_compression"] = (qdir / files.DEEP_COMPRESSION).stat().st_size
+    if checks:
+        report["run_quantized"] = checks
 
 
 def _macs(model: Any, shape: tuple[int, ...]) -> float:

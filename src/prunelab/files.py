@@ -27,6 +27,14 @@ EXPORT_ONNX = "model.onnx"
 EXPORT_COMPACT = "compact.pt"
 EXPORT_COMPACT_ONNX = "model_compact.onnx"
 EXPORT_REPORT = "export.json"
+# The run's quantization step (conf/quantize): its files, in <run>/quantize/.
+QUANTIZE_DIR = "quantize"
+QUANT_FP32_ONNX = "model_fp32.onnx"
+QUANT_INT8_ONNX = "model_int8.onnx"
+DEEP_COMPRESSION = "deep_compression.bin"
+# eval.py's int8 exports: a packed sparse checkpoint with int8 values, an int8 ONNX file.
+EXPORT_SPARSE_INT8 = "sparse_int8.pt"
+EXPORT_ONNX_INT8 = "model_int8.onnx"
 # Iterative magnitude pruning: one sub-run folder per level (and branch), the rewind point.
 IMP_LEVELS_DIR = "levels"
 IMP_REWIND_WEIGHTS = "rewind.pt"
@@ -64,6 +72,11 @@ def csv_metrics(run_dir: str | Path) -> Path:
 def export_dir(run_dir: str | Path) -> Path:
     """Where eval.py writes a run's exported model files."""
     return Path(run_dir) / EXPORT_DIR
+
+
+def quantize_dir(run_dir: str | Path) -> Path:
+    """``<run>/quantize/``: the files of the run's quantization step."""
+    return Path(run_dir) / QUANTIZE_DIR
 
 
 def imp_levels_dir(run_dir: str | Path) -> Path:

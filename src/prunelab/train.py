@@ -317,6 +317,42 @@ def _cost(cfg: DictConfig, built: dict[str, Any], trainer: Any) -> dict[str, Any
     return {k: v for k, v in report.items() if v is not None}
 
 
+def _check_quantize(cfg: DictConfig) -> None:
+    """The quantize group's options (one ConfigError line), before any training."""
+    from prunelab.quantization import check_quantize
+
+    settings = cfg.get("quantize")
+    name = check_quantize(OmegaConf.to_container(settings) if settings is not None else None)
+    if name != "none" and OmegaConf.select(cfg, "pruning.name") == "imp":
+        raise ConfigError(
+            f"quantize={name} does not run after pruning=imp's levels; quantize a level's "
+            "checkpoint instead: python eval.py ckpt_path=<run>/levels/level_NN/checkpoints/last.ckpt"
+        )
+
+
+def _quantize(
+    cfg: DictConfig, built: dict[str, Any], run_dir: Path, metrics: dict[str, Any]
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The run's quantization step (:mod:`prunelab.quantization`) on the tested model."""
+    settings = cfg.get("quantize")
+    if settings is None or settings.get("name", "none") == "none":
+        return {}, {}
+    from prunelab.quantization import run_quantization
+
+    cost_cfg = cfg.get("cost") or {}
+    return run_quantization(
+        OmegaConf.to_container(settings, resolve=True),
+        built["model"],
+        built["engine"].masks,
+        built["datamodule"],
+        run_dir,
+        test_accuracy=metrics.get("test/acc"),
+        lr=float(cfg.optimizer.lr) if OmegaConf.select(cfg, "optimizer.lr") else None,
+        measure_latency=bool(cost_cfg.get("latency", True)),
+        batch_sizes=tuple(cost_cfg.get("latency_batch_sizes", (1, 256))),
+    )
+
+
 def _target(method: Any, sparsity: float) -> dict[str, Any]:
     """The record's target: the sparsity asked for, or, with a magnitude threshold, none
     (the threshold decides it) and the threshold itself."""
@@ -399,6 +435,7 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> dict[str, Any]:
     run_dir = Path(cfg.paths.output_dir)
     try:
         validate(cfg)
+        _check_quantize(cfg)
         _check_skip_completed(cfg)
         check_tags(cfg, _is_multirun())
     except ConfigError as err:
@@ -553,6 +590,8 @@ def fit_and_record(
         test = trainer.test(built["module"], datamodule=built["datamodule"], ckpt_path=test_ckpt)
         metrics = _scalar_metrics({**fit_metrics, **(test[0] if test else {})})
         cost = _cost(cfg, built, trainer)
+        quantized = _quantize(cfg, built, run_dir, metrics)
+        cost.update(quantized[0])
         for logger in loggers:
             logger.log_metrics(
                 {f"cost/{k}": int(v) if isinstance(v, bool) else v for k, v in cost.items()},
@@ -578,6 +617,7 @@ def fit_and_record(
                 "val/acc": _scalar_metrics({"v": checkpoint.best_model_score}).get("v"),
                 "tested": test_ckpt == "best",
             },
+            **({"quantize": quantized[1]} if quantized[1] else {}),
             **(extra or {}),
         )
         if is_main_process():

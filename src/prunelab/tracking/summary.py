@@ -52,6 +52,28 @@ def _cost_rows(cost: dict[str, Any]) -> list[tuple[str, str]]:
     if dense is not None and sparse is not None:
         value = f"{sparse:.3f} ms sparse vs {dense:.3f} ms dense{_latency_note(cost)}"
         rows.append(("latency b256", value))
+    return rows + _quantize_rows(cost)
+
+
+def _quantize_rows(cost: dict[str, Any]) -> list[tuple[str, str]]:
+    """The quantization step's figures (conf/quantize), when the run has them."""
+    rows = []
+    if "quant_accuracy_int8" in cost:
+        text = f"{_fmt_pct(cost['quant_accuracy_int8'])} test accuracy, "
+        text += f"{cost['bytes_onnx_int8'] / 1024:.1f} KiB ONNX"
+        speedup = cost.get("int8_speedup/b256")
+        if speedup is not None:
+            text += f", {speedup:.2f}x fp32 speed at b256 (onnxruntime)"
+        rows.append(("int8", text))
+    if "deep_compression_ratio" in cost:
+        rows.append(
+            (
+                "deep compression",
+                f"{_fmt_pct(cost['quant_accuracy_shared'])} test accuracy, "
+                f"{cost['bytes_deep_compression'] / 1024:.1f} KiB file, "
+                f"{cost['deep_compression_ratio']:.1f}x smaller than the dense fp32 file",
+            )
+        )
     return rows
 
 
