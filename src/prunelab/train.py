@@ -317,6 +317,22 @@ def _cost(cfg: DictConfig, built: dict[str, Any], trainer: Any) -> dict[str, Any
     return {k: v for k, v in report.items() if v is not None}
 
 
+def _process_memory() -> dict[str, Any]:
+    """This process's resident memory at the end of the run and its peak so far (MiB), and
+    its pid: in a sweep, the runs a worker process made show whether it grows."""
+    import resource
+
+    memory: dict[str, Any] = {"pid": os.getpid()}
+    # ru_maxrss is in KiB on Linux
+    memory["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    try:
+        pages = int(Path("/proc/self/statm").read_text().split()[1])
+        memory["rss_mb"] = round(pages * os.sysconf("SC_PAGE_SIZE") / 2**20, 1)
+    except (OSError, ValueError, IndexError):  # not Linux
+        pass
+    return memory
+
+
 def _check_quantize(cfg: DictConfig) -> None:
     """The quantize group's options (one ConfigError line), before any training."""
     from prunelab.quantization import check_quantize
@@ -606,6 +622,7 @@ def fit_and_record(
             },
             sparsity_curve=built["engine"].history,
             cost=cost,
+            memory=_process_memory(),
             fit_time_s=round(fit_s, 3),
             epochs_completed=int(trainer.current_epoch),
             global_step=int(trainer.global_step),
