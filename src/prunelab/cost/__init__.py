@@ -95,7 +95,8 @@ def cost_report(
       parts, ``energy_ratio_estimate``): Horowitz-table estimate, batch 1, sparse weights read
       in CSR (:mod:`.energy`);
     - when the masks prune whole channels/neurons (an output row all masked) and the model
-      can be compacted (:func:`structured_compaction`): ``params_compact`` (parameters of
+      can be compacted (:func:`structured_compaction`): ``bytes_compact_fp32`` (its state
+      dict's tensors: parameters and buffers), ``params_compact`` (parameters of
       the physically smaller model), ``flops_infer_compact`` / ``macs_infer_compact`` (its
       dense forward cost, counted by the FLOP counter on the compacted model),
       ``compact_speedup`` = dense / compacted forward FLOPs, ``channels_removed`` (how
@@ -162,6 +163,9 @@ def cost_report(
         net, compaction = compacted
         flops_compact = layer_flops(net, input_shape).total
         report["params_compact"] = sum(p.numel() for p in net.parameters())
+        report["bytes_compact_fp32"] = sum(
+            t.numel() * t.element_size() for t in net.state_dict().values()
+        )
         report["flops_infer_compact"] = flops_compact
         report["macs_infer_compact"] = flops_compact / 2
         report["compact_speedup"] = lf.total / flops_compact if flops_compact else None
