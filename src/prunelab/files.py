@@ -93,3 +93,20 @@ def imp_level_dir(run_dir: str | Path, level: int, branch: str | None = None) ->
 def imp_rewind_weights(run_dir: str | Path) -> Path:
     """The model state an IMP run rewinds to (saved at ``pruning.rewind_step`` of level 0)."""
     return Path(run_dir) / IMP_REWIND_WEIGHTS
+
+
+# Sensitivity analysis of a run (scripts/sensitivity.py): its files, in <run>/sensitivity/.
+SENSITIVITY_DIR = "sensitivity"
+SENSITIVITY_JSON = "sensitivity.json"
+SENSITIVITY_TABLE = "sensitivity.md"
+SENSITIVITY_PLOT = "sensitivity.png"
+
+
+def sensitivity_dir(run_dir: str | Path) -> Path:
+    """``<run>/sensitivity/``: the layer sensitivity curves of a run (table, JSON, plot)."""
+    return Path(run_dir) / SENSITIVITY_DIR
+
+
+def sensitivity_json(run_dir: str | Path) -> Path:
+    """The sensitivity curves of a run, which ``distribution.curves`` may name."""
+    return sensitivity_dir(run_dir) / SENSITIVITY_JSON

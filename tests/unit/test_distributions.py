@@ -143,7 +143,7 @@ def test_power_scale_keeps_the_invariant(problem, power):
 
 
 def test_registry_and_keep_counts():
-    assert set(DISTRIBUTIONS) == {"uniform", "er", "erk", "global"}
+    assert set(DISTRIBUTIONS) == {"uniform", "er", "erk", "global", "sensitivity"}
     assert DISTRIBUTIONS["global"] is global_magnitude
     shapes = {"a": (10, 10), "b": (20, 10)}
     assert keep_counts("ERK", shapes, 0.5) == erk(shapes, 0.5)

@@ -1,4 +1,5 @@
-"""Analysis of masks: health diagnostics of one set of masks and comparisons between several.
+"""Analysis of masks: health diagnostics of one set of masks and comparisons between several;
+layer sensitivity curves and the per-layer sparsities allocated from them.
 
 Pure torch (no Lightning, no Hydra): functions of ``name -> bool tensor`` mappings (a
 :class:`~prunelab.sparsity.masks.Masks` is one) and, optionally, of gradients.
@@ -19,9 +20,16 @@ from prunelab.analysis.diagnostics import (
     has_skip_connections,
     mask_diagnostics,
 )
+from prunelab.analysis.sensitivity import (
+    SensitivityCurves,
+    layer_sensitivity,
+    load_curves,
+    write_sensitivity,
+)
 
 __all__ = [
     "DisconnectionWatch",
+    "SensitivityCurves",
     "compare_masks",
     "diagnostic_metrics",
     "gradient_norms",
@@ -29,7 +37,10 @@ __all__ = [
     "has_skip_connections",
     "jaccard",
     "jaccard_matrix",
+    "layer_sensitivity",
+    "load_curves",
     "mask_diagnostics",
     "mask_overlap",
     "pairwise_matrix",
+    "write_sensitivity",
 ]

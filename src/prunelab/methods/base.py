@@ -22,7 +22,13 @@ from typing import Any
 import torch
 
 from prunelab.errors import ConfigError
-from prunelab.sparsity.distributions import dense_layers, keep_counts
+from prunelab.sparsity.distributions import (
+    check_distribution,
+    dense_layers,
+    describe_distribution,
+    distribution_options,
+    keep_counts,
+)
 from prunelab.sparsity.engine import Context
 from prunelab.sparsity.masks import Masks
 from prunelab.sparsity.schedules import DropSchedule, SparsitySchedule, resolve_fraction
@@ -154,6 +160,8 @@ class PruningMethod:
         self.dense_last = bool(dist.get("dense_last", False))
         self.power_scale = float(dist.get("power_scale", 1.0))
         self.budget = str(dist.get("budget", "all"))
+        # The distribution's own options (sensitivity: ``curves``), checked now, before training.
+        self.distribution_options = distribution_options(self.distribution, dist)
         # N:M semi-structured masks (None = off); only the magnitude methods build them.
         from prunelab.sparsity.patterns import parse_n_m
 
@@ -219,6 +227,7 @@ class PruningMethod:
         """Learn the layer shapes and the length of training; build the schedule."""
         self.shapes = dict(shapes)
         self.dense = dense_layers(list(shapes), self.dense_first, self.dense_last)
+        check_distribution(self.distribution, self.shapes, self.dense, self.distribution_options)
         self.total_steps = int(total_steps)
         self.steps_per_epoch = max(1, int(steps_per_epoch))
         self.build_schedule()
@@ -258,6 +267,18 @@ class PruningMethod:
             scores=scores,
             power_scale=self.power_scale,
             generator=generator,
+            options=self.distribution_options,
+        )
+
+    def distribution_report(self) -> dict[str, Any]:
+        """What the distribution chose at the target sparsity, for the record (sensitivity:
+        the per-layer rates and the curves they came from); {} for most distributions."""
+        return describe_distribution(
+            self.distribution,
+            self.shapes,
+            self.budget_sparsity(self.sparsity),
+            self.dense,
+            self.distribution_options,
         )
 
     def budget_sparsity(self, sparsity: float) -> float:

@@ -30,6 +30,18 @@ Distributions:
     weights and connections for efficient neural networks"; global pruning as compared by
     Blalock et al. 2020, "What is the state of neural network pruning?"): keep the top-k
     scores of the concatenation.
+``sensitivity``
+    Per-layer sparsities chosen from measured layer-sensitivity curves (Han et al. 2015,
+    Fig. 5; Distiller's sensitivity analysis) to meet the target with the least predicted
+    accuracy drop, by a greedy marginal-cost allocation
+    (:meth:`prunelab.analysis.sensitivity.SensitivityCurves.allocate`). Its one option,
+    ``curves``, names a ``sensitivity.json`` or a run folder holding one
+    (``python scripts/sensitivity.py <run>`` makes it).
+
+Options beyond the common ones (``curves``) reach a distribution through ``keep_counts(...,
+options=...)``; :func:`distribution_options` picks them from a distribution config and
+checks them, :func:`check_distribution` checks them against the layers and
+:func:`describe_distribution` says what they chose, for the run's record.
 """
 
 from __future__ import annotations
@@ -37,6 +49,7 @@ from __future__ import annotations
 import math
 import operator
 from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import torch
 
@@ -46,12 +59,17 @@ Shapes = Mapping[str, Sequence[int]]
 
 __all__ = [
     "DISTRIBUTIONS",
+    "OPTIONS",
+    "check_distribution",
     "dense_layers",
+    "describe_distribution",
+    "distribution_options",
     "er",
     "erk",
     "global_magnitude",
     "keep_counts",
     "round_to_total",
+    "sensitivity",
     "uniform",
 ]
 
@@ -358,6 +376,45 @@ def global_magnitude(
     return {n: (budget.numel[n] if n in budget.dense else counts[n]) for n in budget.shapes}
 
 
+def sensitivity(
+    shapes: Shapes,
+    sparsity: float,
+    dense: frozenset[str] = frozenset(),
+    scores: Mapping[str, torch.Tensor] | None = None,
+    power_scale: float = 1.0,
+    curves: Any = None,
+) -> dict[str, int]:
+    """Per-layer sparsities from layer-sensitivity curves, least predicted accuracy drop.
+
+    ``curves``: a ``sensitivity.json``, a run folder whose ``sensitivity/sensitivity.json``
+    to read, or :class:`~prunelab.analysis.sensitivity.SensitivityCurves`. The non-dense
+    layers' real-valued sparsities come from the greedy marginal-cost allocation over the
+    curves (:meth:`~prunelab.analysis.sensitivity.SensitivityCurves.allocate`: cheapest
+    accuracy drop per weight removed first, the layers' drops assumed additive as in Han et
+    al. 2015's per-layer sensitivity thresholds), then are rounded like every distribution
+    here, so the global count is exact. Growing ``sparsity`` never lowers a layer's
+    sparsity, as a gradual schedule needs. A missing or unreadable file, or curves whose
+    layers are not those of ``shapes``, is a one-line ConfigError saying how to make them.
+    ``scores`` and ``power_scale`` are ignored.
+    """
+    del scores, power_scale
+    budget = _Budget(shapes, sparsity, dense)
+    loaded, _ = _load_curves(curves, budget.numel, budget.dense)
+    if budget.sparse_numel == 0 or budget.zeros == 0:
+        return budget.finish({n: float(budget.numel[n]) for n in budget.sparse_names})
+    rates = loaded.allocate(budget.zeros / budget.total, budget.numel, dense=budget.dense)
+    return budget.finish({n: budget.numel[n] * (1.0 - rates[n]) for n in budget.sparse_names})
+
+
+def _load_curves(curves: Any, numel: Mapping[str, int], dense: frozenset[str]):
+    """``(curves, sha256)`` checked against the layers (one-line ConfigError otherwise)."""
+    from prunelab.analysis.sensitivity import load_curves
+
+    loaded, digest = load_curves(curves)
+    loaded.check_layers(numel, dense)
+    return loaded, digest
+
+
 Distribution = Callable[..., dict[str, int]]
 
 DISTRIBUTIONS: dict[str, Distribution] = {
@@ -365,7 +422,93 @@ DISTRIBUTIONS: dict[str, Distribution] = {
     "er": er,
     "erk": erk,
     "global": global_magnitude,
+    "sensitivity": sensitivity,
 }
+# The options each distribution takes beyond the common keys of conf/distribution/*.yaml.
+OPTIONS: dict[str, tuple[str, ...]] = {"sensitivity": ("curves",)}
+
+
+def _key(name: str) -> str:
+    key = str(name).strip().lower()
+    if key not in DISTRIBUTIONS:
+        raise ConfigError(
+            f"unknown sparsity distribution '{name}'; choose one of {sorted(DISTRIBUTIONS)}"
+        )
+    return key
+
+
+def _name(name: str) -> str:
+    """``name`` normalised; an unknown name is left for :func:`keep_counts` to report."""
+    return str(name).strip().lower()
+
+
+def distribution_options(name: str, config: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The options of distribution ``name`` found in its ``config`` (a
+    ``conf/distribution`` mapping), checked as far as they can be without the model:
+    ``sensitivity``'s ``curves`` must be given and readable as sensitivity curves
+    (one-line ConfigError otherwise). ``{}`` for a distribution without options (or an
+    unknown name, which :func:`keep_counts` reports)."""
+    key = _name(name)
+    config = dict(config or {})
+    options = {k: config.get(k) for k in OPTIONS.get(key, ())}
+    if key == "sensitivity":
+        from prunelab.analysis.sensitivity import curves_path, load_curves
+
+        load_curves(options["curves"])
+        options["curves"] = str(curves_path(options["curves"]).resolve())
+    return options
+
+
+def check_distribution(
+    name: str,
+    shapes: Shapes,
+    dense: frozenset[str] = frozenset(),
+    options: Mapping[str, Any] | None = None,
+) -> None:
+    """Check a distribution's options against the layers before training
+    (``sensitivity``: a curve for every layer not kept dense, none for a layer the model
+    lacks, the same weight counts); one-line ConfigError otherwise."""
+    if _name(name) == "sensitivity":
+        checked = _check_shapes(shapes)
+        _load_curves(
+            (options or {}).get("curves"),
+            {n: math.prod(s) for n, s in checked.items()},
+            frozenset(dense),
+        )
+
+
+def describe_distribution(
+    name: str,
+    shapes: Shapes,
+    sparsity: float,
+    dense: frozenset[str] = frozenset(),
+    options: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """What a distribution chose, for a run's record: for ``sensitivity`` the per-layer
+    sparsities at ``sparsity`` (``rates``, from the exact keep counts), their predicted
+    total accuracy drop, and the curves they came from (path, SHA-256 of the file, score,
+    reference accuracy, grid and measured accuracies); ``{}`` for the other
+    distributions, whose choice the record's per-layer sparsities already show."""
+    if _name(name) != "sensitivity" or not shapes:
+        return {}
+    curves = (options or {}).get("curves")
+    budget = _Budget(shapes, sparsity, dense)
+    loaded, digest = _load_curves(curves, budget.numel, budget.dense)
+    counts = sensitivity(shapes, sparsity, dense, curves=loaded)
+    rates = {n: 1.0 - counts[n] / budget.numel[n] for n in budget.shapes}
+    return {
+        "name": "sensitivity",
+        "rates": rates,
+        "predicted_drop": loaded.predicted_drop(rates),
+        "curves": {
+            "path": loaded.source,
+            "sha256": digest,
+            "score": loaded.score,
+            "reference": loaded.reference,
+            "sparsities": list(loaded.sparsities),
+            "accuracy": {n: list(v) for n, v in loaded.accuracy.items()},
+        },
+    }
 
 
 def keep_counts(
@@ -376,18 +519,18 @@ def keep_counts(
     scores: Mapping[str, torch.Tensor] | None = None,
     power_scale: float = 1.0,
     generator: torch.Generator | None = None,
+    options: Mapping[str, Any] | None = None,
 ) -> dict[str, int]:
     """Keep counts per layer from the distribution registered as ``name`` (see module doc).
 
-    ``generator`` breaks exact score ties of the ``global`` distribution at random."""
-    key = str(name).strip().lower()
-    if key not in DISTRIBUTIONS:
-        raise ConfigError(
-            f"unknown sparsity distribution '{name}'; choose one of {sorted(DISTRIBUTIONS)}"
-        )
+    ``generator`` breaks exact score ties of the ``global`` distribution at random;
+    ``options`` are the distribution's own (:data:`OPTIONS`, e.g. ``sensitivity``'s
+    ``curves``), the others' are ignored."""
+    key = _key(name)
     if key == "global":
         return global_magnitude(shapes, sparsity, dense, scores, power_scale, generator)
-    return DISTRIBUTIONS[key](shapes, sparsity, dense, scores, power_scale)
+    own = {k: v for k, v in (options or {}).items() if k in OPTIONS.get(key, ())}
+    return DISTRIBUTIONS[key](shapes, sparsity, dense, scores, power_scale, **own)
 
 
 def dense_layers(names: Sequence[str], dense_first: bool, dense_last: bool) -> frozenset[str]:

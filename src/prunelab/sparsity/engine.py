@@ -477,6 +477,9 @@ class SparsityEngine:
         zeros_global = sum(zeros[n] * p.numel() for n, p in self.params.items()) / max(total, 1)
         masks = self.masks if self.masks is not None else Masks.dense_like(self.params)
         report = getattr(self.method, "report", None)
+        describe = getattr(self.method, "distribution_report", None)
+        dense_method = getattr(self.method, "is_dense", False)
+        chosen = describe() if describe is not None and not dense_method else {}
         return {
             "global": masks.sparsity(),
             "pruned_layers": self.pruned_layers_sparsity(),
@@ -490,6 +493,8 @@ class SparsityEngine:
             "rank_checks": self.rank_checks,
             # The method's own account (L0: realised sparsity vs target, gate sparsity).
             **({"method": report(masks)} if report is not None else {}),
+            # What the layer-wise distribution chose (sensitivity: rates and their curves).
+            **({"distribution": chosen} if chosen else {}),
             # Mask health of the final masks: dead units, empty and disconnected layers.
             "diagnostics": self.diagnostics(),
         }
