@@ -110,3 +110,21 @@ def sensitivity_dir(run_dir: str | Path) -> Path:
 def sensitivity_json(run_dir: str | Path) -> Path:
     """The sensitivity curves of a run, which ``distribution.curves`` may name."""
     return sensitivity_dir(run_dir) / SENSITIVITY_JSON
+
+
+# Adaptive pruning (pruning=adaptive): the dense stage and every tried sparsity as sub-runs,
+# in <run>/search/.
+ADAPTIVE_DIR = "search"
+ADAPTIVE_DENSE = "dense"
+
+
+def adaptive_dir(run_dir: str | Path) -> Path:
+    """Where an adaptive run keeps its sub-runs."""
+    return Path(run_dir) / ADAPTIVE_DIR
+
+
+def adaptive_point_dir(run_dir: str | Path, step: int | None, sparsity: float = 0.0) -> Path:
+    """The sub-run of an adaptive run's dense stage (``step`` None: ``dense``) or of its
+    ``step``-th tried sparsity (``step_02_s0.9293``)."""
+    name = ADAPTIVE_DENSE if step is None else f"step_{step:02d}_s{sparsity:.4f}"
+    return adaptive_dir(run_dir) / name

@@ -494,6 +494,10 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> dict[str, Any]:
             from prunelab.lottery import run_imp
 
             return run_imp(cfg, built, record, name=name, tags=tags, callbacks=callbacks)
+        if getattr(built["engine"].method, "name", None) == "adaptive":
+            from prunelab.adaptive import run_adaptive
+
+            return run_adaptive(cfg, built, record, name=name, tags=tags, callbacks=callbacks)
         return fit_and_record(
             cfg, built, record, run_dir, name=name, group=cell, tags=tags, callbacks=callbacks
         )

@@ -157,6 +157,7 @@ GOOD_SCHEDULES = {
     "synflow": {"kind": "fixed"},
     "l1": {"kind": "one_shot", "at": 0.5, "at_epoch": None},
     "imp": {"kind": "fixed"},
+    "adaptive": {"kind": "fixed"},
     "han": {"kind": "iterative", "begin": 0.25, "end": 0.75},
     "l0": {"kind": "fixed"},
     "dns": {"kind": "polynomial", "begin": 0.0, "end": 0.75, "frequency": 100, "power": 3},

@@ -50,6 +50,7 @@ METHOD_ACCOUNTING: dict[str, str] = {
     "dynamic": "rigl",
     "snfs": "snfs",
     "imp": "fixed",  # each level trains with its mask fixed (level 0: dense)
+    "adaptive": "fixed",  # each candidate fine-tunes with its mask fixed (the dense stage: dense)
     "han": "gradual",  # the masks in force at each step, from the history
     "dns": "snfs",  # dense weight gradients every step: pruned weights keep training
     "l0": "one_shot",  # dense (gated) until the gates are folded, then the fixed mask

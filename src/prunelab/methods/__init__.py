@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from prunelab.errors import ConfigError
+from prunelab.methods.adaptive import AdaptiveMagnitude
 from prunelab.methods.base import MagnitudePruning, PruneAndGrow, PruningMethod
 from prunelab.methods.block import BlockPruning
 from prunelab.methods.dense import Dense
@@ -41,6 +42,7 @@ METHODS: dict[str, type[PruningMethod]] = {
     "l0": L0Regularization,
     "han": HanPruning,
     "imp": IterativeMagnitude,
+    "adaptive": AdaptiveMagnitude,
     "dns": DynamicNetworkSurgery,
     "set": SET,
     "rigl": RigL,
@@ -73,6 +75,7 @@ __all__ = [
     "SET",
     "SNFS",
     "SNIP",
+    "AdaptiveMagnitude",
     "BlockPruning",
     "Dense",
     "DynamicNetworkSurgery",
