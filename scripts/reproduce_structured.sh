@@ -36,4 +36,6 @@ if [[ $MODELS == *resnet20* ]]; then
     "hydra.sweep.dir=$ROOT/resnet20/structured"
 fi
 
-"$PY" scripts/structured_table.py "$ROOT" --out "$ROOT/table.md"
+# Latency timed again from the checkpoints, dense and compacted in alternating rounds, one
+# thread (the sweep shares the cores with whatever else runs; drop --threads on a quiet machine).
+"$PY" scripts/structured_table.py "$ROOT" --retime --threads 1 --out "$ROOT/table.md"

@@ -16,7 +16,11 @@ Columns, all read from the runs' records (``cost`` of results.json):
   (``bytes_csr``) for a masked model, the dense fp32 state dict (``bytes_dense_fp32``) for the
   dense one; ``size compact`` — the compacted model's fp32 state dict;
 - ``ms dense`` / ``ms compact`` — measured CPU latency at ``--batch`` (default 256) of the
-  dense architecture and of the compacted model, timed in the same run (threads as recorded).
+  dense architecture and of the compacted model, as each run's cost report timed them; with
+  ``--retime`` they are timed again here from the runs' checkpoints, the dense architecture
+  (:func:`prunelab.cost.latency.dense_copy`), the masked model and the compacted one in
+  alternating rounds, medians over ``--rounds`` (all torch threads unless ``--threads``): the
+  robust choice on a machine where other jobs ran during the sweep.
 """
 
 from __future__ import annotations
@@ -54,8 +58,9 @@ def _mean(values: list) -> float | None:
     return statistics.fmean(values) if values else None
 
 
-def rows(paths: list[str], batch: int) -> list[dict]:
-    """One dict per model x method x sparsity with the COLUMNS (means over seeds)."""
+def rows(paths: list[str], batch: int, rounds: int = 0) -> list[dict]:
+    """One dict per model x method x sparsity with the COLUMNS (means over seeds); with
+    ``rounds`` > 0 the latencies are timed again (:func:`retime`)."""
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for record in find_records(paths):
         if not record.completed:
@@ -66,7 +71,12 @@ def rows(paths: list[str], batch: int) -> list[dict]:
         groups[(data["choices"].get("model", "?"), method, sparsity)].append(data)
     out = []
     for (model, method, sparsity), runs in sorted(groups.items(), key=lambda kv: kv[0]):
-        costs = [r.get("cost") or {} for r in runs]
+        costs = [dict(r.get("cost") or {}) for r in runs]
+        if rounds:
+            for run, cost in zip(runs, costs, strict=True):
+                cost.pop(f"latency_ms/compact/b{batch}", None)  # only what is timed here
+                for name, ms in retime(Path(run["run_dir"]), batch, rounds).items():
+                    cost[f"latency_ms/{name}/b{batch}"] = ms
         size = [
             c.get("bytes_dense_fp32") if method == "dense" else c.get("bytes_csr") for c in costs
         ]
@@ -91,6 +101,32 @@ def rows(paths: list[str], batch: int) -> list[dict]:
     return out
 
 
+def retime(run_dir: Path, batch: int, rounds: int) -> dict[str, float]:
+    """Dense / masked / compacted latency (ms) of a finished run at ``batch``, timed in
+    alternating rounds (each the median of a few blocks), medians over rounds."""
+    import torch
+
+    from prunelab.cost import structured_compaction
+    from prunelab.cost.latency import _masked_copy, dense_copy, time_call
+    from prunelab.evaluate import load_run
+
+    run = load_run(run_dir)
+    model, masks = run["model"], run["masks"]
+    shape = tuple(run["datamodule"].input_shape)
+    nets = {"dense": dense_copy(model, masks), "masked": _masked_copy(model, masks)}
+    compacted = structured_compaction(model, masks, shape)
+    if compacted is not None:
+        nets["compact"] = compacted[0].eval()
+    x = torch.randn(batch, *shape)
+    times: dict[str, list[float]] = {name: [] for name in nets}
+    with torch.inference_mode():
+        for _ in range(rounds):
+            for name, net in nets.items():
+                stats = time_call(lambda net=net: net(x), torch.device("cpu"), repeats=5)
+                times[name].append(stats["latency_ms"])
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
 def _fmt(key: str, value: object) -> str:
     if value is None:
         return "-"
@@ -113,8 +149,15 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=256, help="latency batch size")
     parser.add_argument("--format", choices=("markdown", "csv"), default="markdown")
     parser.add_argument("--out", type=Path, help="also write the table here")
+    parser.add_argument("--retime", action="store_true", help="time the latencies again here")
+    parser.add_argument("--rounds", type=int, default=7, help="alternating rounds (--retime)")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     args = parser.parse_args()
-    table = rows(args.paths, args.batch)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    table = rows(args.paths, args.batch, args.rounds if args.retime else 0)
     if not table:
         raise SystemExit(f"no completed runs under {' '.join(args.paths)}")
     cols = [c if not c.startswith("ms") else f"{c} b{args.batch}" for c in COLUMNS]
