@@ -292,6 +292,7 @@ def _cost(cfg: DictConfig, built: dict[str, Any], trainer: Any) -> dict[str, Any
     settings = cfg.get("cost") or {}
     if not settings.get("enabled", True):
         return {}
+    latency = _latency_setting(settings.get("latency", True))
     engine, model = built["engine"], built["model"]
     method = engine.method
     samples = (
@@ -308,7 +309,8 @@ def _cost(cfg: DictConfig, built: dict[str, Any], trainer: Any) -> dict[str, Any
         samples_per_step=samples,
         method_name=method.name,
         update_every=drop.update_every if drop is not None else None,
-        measure_latency=bool(settings.get("latency", True)),
+        measure_latency=latency is not False,
+        latency_mode="full" if latency == "full" else "quick",
         latency_batch_sizes=tuple(settings.get("latency_batch_sizes", (1, 256))),
         latency_repeats=int(settings.get("latency_repeats", 15)),
         latency_under_load=_latency_under_load(),
@@ -331,6 +333,18 @@ def _process_memory() -> dict[str, Any]:
     except (OSError, ValueError, IndexError):  # not Linux
         pass
     return memory
+
+
+def _latency_setting(value: Any) -> bool | str:
+    """``cost.latency``: false (no timing), true or ``quick`` (the default: a few short blocks
+    per variant, about a second), ``full`` (the thorough timing); anything else is a
+    ConfigError (one line)."""
+    if value is False or value is True or value in ("quick", "full"):
+        return "quick" if value is True else value
+    raise ConfigError(
+        f"cost.latency={value!r}: choose false (no timing), true / quick (short, the "
+        "default) or full (thorough), e.g. cost.latency=full"
+    )
 
 
 def _check_quantize(cfg: DictConfig) -> None:
@@ -451,6 +465,7 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> dict[str, Any]:
     run_dir = Path(cfg.paths.output_dir)
     try:
         validate(cfg)
+        _latency_setting(OmegaConf.select(cfg, "cost.latency", default=True))
         _check_quantize(cfg)
         _check_skip_completed(cfg)
         check_tags(cfg, _is_multirun())
@@ -609,7 +624,9 @@ def fit_and_record(
         test_ckpt = "best" if cfg.test_ckpt == "best" and checkpoint.best_model_path else None
         test = trainer.test(built["module"], datamodule=built["datamodule"], ckpt_path=test_ckpt)
         metrics = _scalar_metrics({**fit_metrics, **(test[0] if test else {})})
+        cost_start = time.perf_counter()
         cost = _cost(cfg, built, trainer)
+        cost_s = time.perf_counter() - cost_start
         quantized = _quantize(cfg, built, run_dir, metrics)
         cost.update(quantized[0])
         for logger in loggers:
@@ -628,6 +645,7 @@ def fit_and_record(
             cost=cost,
             memory=_process_memory(),
             fit_time_s=round(fit_s, 3),
+            cost_time_s=round(cost_s, 3),
             epochs_completed=int(trainer.current_epoch),
             global_step=int(trainer.global_step),
             checkpoint=str(files.last_checkpoint(run_dir)),

@@ -14,6 +14,7 @@ Pure torch (no Lightning, no Hydra). One module per concern:
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -67,6 +68,7 @@ def cost_report(
     latency_repeats: int = 15,
     latency_under_load: bool = False,
     dense_flops: LayerFlops | None = None,
+    latency_mode: str = "full",
 ) -> dict[str, float | None]:
     """Every cost of ``model`` pruned by ``masks`` (``None``: its zeros), as a flat dict.
 
@@ -111,7 +113,12 @@ def cost_report(
       not the pruned model. ``latency_threads``: torch's intra-op threads during the timing;
       ``latency_under_load``: the caller's ``latency_under_load``, true when other jobs (a
       parallel sweep) may have shared the machine while it was timed, so the numbers are
-      not those of an idle machine.
+      not those of an idle machine. ``latency_mode``: ``full`` times each variant and batch
+      size as :func:`.latency.latency_report` does by default (``latency_repeats`` blocks of
+      at least 10 ms each, the sparse kernels tuned per layer); ``quick`` times
+      ``QUICK_REPEATS`` blocks of at least ``QUICK_MIN_BLOCK_S`` each with the plain CSR
+      kernels, about a tenth of the time, at the price of a wider spread
+      (``latency_mode`` is recorded).
 
     ``dense_flops``: the model's dense per-layer FLOPs from an earlier :func:`layer_flops`
     call on the same model and prunable parameters (they do not depend on the masks), so
@@ -172,18 +179,35 @@ def cost_report(
         report["channels_removed"] = compaction.channels_removed
         report["blocks_removed"] = len(compaction.blocks_removed)
     if measure_latency:
+        if latency_mode not in LATENCY_MODES:
+            raise ConfigError(f"latency_mode={latency_mode!r}: choose {' or '.join(LATENCY_MODES)}")
+        quick = latency_mode == "quick"
+        options: dict[str, Any] = (
+            {"repeats": QUICK_REPEATS, "min_block_s": QUICK_MIN_BLOCK_S}
+            if quick
+            else {"repeats": latency_repeats}
+        )
+        if quick and "autotune" in inspect.signature(_latency.latency_report).parameters:
+            options["autotune"] = False
         report.update(
             _latency.latency_report(
                 model,
                 masks,
                 input_shape,
                 latency_batch_sizes,
-                repeats=latency_repeats,
                 compacted=compacted[0] if compacted is not None else None,
+                **options,
             )
         )
         report["latency_under_load"] = bool(latency_under_load)
+        report["latency_mode"] = latency_mode
     return report
+
+
+LATENCY_MODES = ("quick", "full")
+# The quick latency mode: a few short blocks per variant and batch size.
+QUICK_REPEATS = 3
+QUICK_MIN_BLOCK_S = 0.002
 
 
 def structured_compaction(
