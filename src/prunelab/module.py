@@ -22,6 +22,7 @@ the module takes them (:func:`prunelab.train.build`).
 
 from __future__ import annotations
 
+import inspect
 import math
 import warnings
 from collections.abc import Callable
@@ -296,6 +297,24 @@ class ClassificationModule(pl.LightningModule):
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int):
         return self._optimize(self.training_loss(batch), batch_idx)
+
+    # Lightning reads training_step's signature before every batch (whether to pass
+    # batch_idx); with the signature precomputed, inspect returns it instead of rebuilding it
+    # (some sixty Python calls per step).
+    training_step.__signature__ = inspect.signature(training_step)  # type: ignore[attr-defined]
+
+    def transfer_batch_to_device(
+        self, batch: Any, device: torch.device, dataloader_idx: int
+    ) -> Any:
+        """An (inputs, targets) pair of tensors moves as Lightning would move it (non-blocking
+        except to the CPU), without its generic walk over the collection; a batch already on
+        ``device`` (CPU training) is passed through. Anything else goes to Lightning."""
+        if type(batch) in (tuple, list) and all(type(t) is torch.Tensor for t in batch):
+            if all(t.device == device for t in batch):
+                return batch
+            non_blocking = device.type not in ("cpu", "mps")
+            return type(batch)(t.to(device, non_blocking=non_blocking) for t in batch)
+        return super().transfer_batch_to_device(batch, device, dataloader_idx)
 
     def training_loss(self, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         """The loss to minimise on a training batch: cross-entropy, plus the pruning method's
