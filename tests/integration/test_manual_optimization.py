@@ -397,3 +397,85 @@ def test_bad_optimization_options_are_config_errors(compose_cfg, override, needl
     with pytest.raises(ConfigError) as err:
         validate(compose_cfg(override))
     assert needle in str(err.value) and "\n" not in str(err.value)
+
+
+DDP_PROBE = """
+import sys
+from functools import partial
+
+import pytorch_lightning as pl
+import torch
+
+sys.path[:0] = [{src!r}, {here!r}]
+from prunelab.module import ClassificationModule
+from test_manual_optimization import WIDTHS, Data, build_model, make_engine
+
+reduced = []
+
+
+def count(state, bucket):  # a DDP communication hook: one call per bucket all-reduce
+    reduced.append(1)
+    future = torch.futures.Future()
+    future.set_result(bucket.buffer())
+    return future
+
+
+class Probe(ClassificationModule):
+    def on_train_start(self):
+        super().on_train_start()
+        self.trainer.strategy.model.register_comm_hook(None, count)
+        self.per_batch = []
+
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        super().on_train_batch_end(outputs, batch, batch_idx)
+        self.per_batch.append(len(reduced))
+        reduced.clear()
+
+    def on_train_end(self):
+        print(f"rank {{self.global_rank}}: {{self.per_batch}} {{self.global_step}}")
+
+
+pl.seed_everything(0, verbose=False)
+model = build_model()
+module = Probe(
+    model,
+    WIDTHS[-1],
+    optimizer=partial(torch.optim.SGD, lr=0.1),
+    engine=make_engine(model, "dense"),
+    accumulate_grad_batches=3,
+)
+trainer = pl.Trainer(
+    accelerator="cpu",
+    devices=2,
+    strategy="ddp",
+    max_epochs=1,
+    logger=False,
+    enable_checkpointing=False,
+    enable_progress_bar=False,
+    enable_model_summary=False,
+    limit_val_batches=0,
+)
+trainer.fit(module, datamodule=Data(14))  # 7 batches per rank: windows of 3, 3 and 1
+"""
+
+
+@pytest.mark.slow
+def test_ddp_reduces_gradients_only_at_optimizer_steps(tmp_path):
+    """Under DDP the batches inside an accumulation window skip the gradient all-reduce,
+    as Lightning's automatic optimization did."""
+    import subprocess
+    import sys
+
+    here = Path(__file__).resolve().parent
+    script = tmp_path / "probe.py"
+    script.write_text(DDP_PROBE.format(src=str(here.parents[1] / "src"), here=str(here)))
+    proc = subprocess.run(
+        [sys.executable, str(script)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = sorted(line for line in proc.stdout.splitlines() if line.startswith("rank "))
+    assert lines == ["rank 0: [0, 0, 1, 0, 0, 1, 1] 3", "rank 1: [0, 0, 1, 0, 0, 1, 1] 3"]
