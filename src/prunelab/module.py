@@ -107,6 +107,26 @@ class TrainStats:
         return self._loss_sum / self._seen, self._correct.float() / self._seen
 
 
+_AUTOMATIC_STEPS = "epoch_loop.automatic_optimization.optim_progress"
+_MANUAL_STEPS = "epoch_loop.manual_optimization.optim_step_progress"
+
+
+def _carry_optimizer_steps(checkpoint: dict[str, Any]) -> None:
+    """A checkpoint written while the module used automatic optimization counts its optimizer
+    steps in that loop's progress, and ``global_step`` now reads the manual loop's: carry the
+    count over (before Lightning restores the loops from the checkpoint), so that resuming
+    such a checkpoint continues at its step (schedules, mask updates, ``max_steps``)."""
+    loop = (checkpoint.get("loops") or {}).get("fit_loop") or {}
+    automatic = ((loop.get(_AUTOMATIC_STEPS) or {}).get("optimizer") or {}).get("step")
+    manual = loop.get(_MANUAL_STEPS)
+    if not automatic or not manual:
+        return
+    done = int(automatic["total"]["completed"])
+    if done > 0 and int(manual["total"]["completed"]) == 0:
+        total = {"ready": done, "completed": done}
+        loop[_MANUAL_STEPS] = {"total": dict(total), "current": dict(total)}
+
+
 class ClassificationModule(pl.LightningModule):
     """Cross-entropy classification with top-1 (and top-5) accuracy per stage."""
 
@@ -290,6 +310,7 @@ class ClassificationModule(pl.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if self.engine is not None and "sparsity_engine" in checkpoint:
             self.engine.load_state_dict(checkpoint["sparsity_engine"])
+        _carry_optimizer_steps(checkpoint)
 
     # -- training ---------------------------------------------------------------------------
     def on_train_epoch_start(self) -> None:

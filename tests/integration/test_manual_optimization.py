@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.loggers import CSVLogger
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -61,13 +62,9 @@ class Data(pl.LightningDataModule):
         self.y = torch.randint(0, WIDTHS[-1], (n,), generator=gen)
 
     def train_dataloader(self) -> DataLoader:
-        # A fresh, seeded shuffle per fit: every run sees the same batches.
-        return DataLoader(
-            TensorDataset(self.x, self.y),
-            batch_size=BATCH,
-            shuffle=True,
-            generator=torch.Generator().manual_seed(2),
-        )
+        # The same batches in the same order every epoch: a run resumed at an epoch's start
+        # sees what the uninterrupted run saw.
+        return DataLoader(TensorDataset(self.x, self.y), batch_size=BATCH)
 
 
 def build_model() -> nn.Module:
@@ -137,6 +134,8 @@ def fit(
     max_steps: int = -1,
     batches: int = BATCHES,
     logger: bool = False,
+    ckpt_path: str | None = None,
+    stop_after_epoch: int | None = None,
 ):
     """Train from the same seeds; the module, its engine and the trainer."""
     pl.seed_everything(0, verbose=False)
@@ -175,7 +174,10 @@ def fit(
         precision=precision,
         logger=CSVLogger(str(tmp_path), name="csv", version="") if logger else False,
         log_every_n_steps=2,
-        enable_checkpointing=False,
+        callbacks=[
+            ModelCheckpoint(dirpath=str(tmp_path / "ckpt"), save_last=True),
+            *([] if stop_after_epoch is None else [_StopAfterEpoch(stop_after_epoch)]),
+        ],
         enable_progress_bar=False,
         enable_model_summary=False,
         limit_val_batches=0,
@@ -184,7 +186,7 @@ def fit(
         default_root_dir=str(tmp_path),
         **({k: v for k, v in options.items() if v is not None} if automatic else {}),
     )
-    trainer.fit(module, datamodule=Data(batches))
+    trainer.fit(module, datamodule=Data(batches), ckpt_path=ckpt_path)
     return module, engine, trainer
 
 
@@ -479,3 +481,19 @@ def test_ddp_reduces_gradients_only_at_optimizer_steps(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = sorted(line for line in proc.stdout.splitlines() if line.startswith("rank "))
     assert lines == ["rank 0: [0, 0, 1, 0, 0, 1, 1] 3", "rank 1: [0, 0, 1, 0, 0, 1, 1] 3"]
+
+
+def test_resume_from_a_checkpoint_of_automatic_optimization(tmp_path):
+    """A checkpoint written while the module optimized automatically (runs started before
+    the module optimized manually) resumes at its global_step, to the same final weights."""
+    settings = {"method": "rigl", "accumulate": 3, "scheduler": "cosine_step", "clip": 0.05}
+    fit(tmp_path / "old", automatic=True, stop_after_epoch=0, **settings)
+    last = tmp_path / "old" / "ckpt" / "last.ckpt"
+    module, engine, trainer = fit(
+        tmp_path / "resumed", automatic=False, ckpt_path=str(last), **settings
+    )
+    full, full_engine, full_trainer = fit(tmp_path / "full", automatic=True, **settings)
+    assert trainer.global_step == full_trainer.global_step == math.ceil(BATCHES / 3) * EPOCHS
+    for name, value in weights(full).items():
+        torch.testing.assert_close(weights(module)[name], value, rtol=0, atol=1e-6, msg=name)
+    assert engine.history == full_engine.history
