@@ -104,6 +104,21 @@ def _check_top_level_keys(cfg: DictConfig) -> None:
             )
 
 
+def _check_optimization_options(cfg: DictConfig) -> None:
+    """The trainer options that the Lightning module applies (it optimizes manually), checked
+    here as the Trainer used to check them."""
+    if OmegaConf.select(cfg, "trainer.accumulate_grad_batches") is not None:
+        _positive(cfg, "trainer.accumulate_grad_batches", integer=True)
+    clip = OmegaConf.select(cfg, "trainer.gradient_clip_val")
+    if clip is not None and _number(cfg, "trainer.gradient_clip_val") < 0:
+        raise ConfigError("trainer.gradient_clip_val must be >= 0 (null or 0: no clipping)")
+    algorithm = OmegaConf.select(cfg, "trainer.gradient_clip_algorithm")
+    if algorithm is not None and str(algorithm).lower() not in ("norm", "value"):
+        raise ConfigError(
+            f"trainer.gradient_clip_algorithm must be 'norm' or 'value', got {algorithm!r}"
+        )
+
+
 def validate(cfg: DictConfig) -> None:
     """Check a composed config; raise ConfigError with a one-line fix on the first mistake."""
     _check_top_level_keys(cfg)
@@ -134,6 +149,7 @@ def validate(cfg: DictConfig) -> None:
     interval = OmegaConf.select(cfg, "lr_scheduler.interval", default="epoch")
     if interval not in _LR_SCHEDULER_INTERVALS:
         raise ConfigError(f"lr_scheduler.interval must be 'step' or 'epoch', got {interval!r}")
+    _check_optimization_options(cfg)
     norm_bias = cfg.get("weight_decay_norm_bias", True)
     if not isinstance(norm_bias, bool):
         raise ConfigError(

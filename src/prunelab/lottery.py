@@ -111,7 +111,7 @@ def run_imp(
     reused; each level gets a fresh module, engine and optimizer)."""
     from prunelab.module import ClassificationModule
     from prunelab.sparsity.engine import SparsityEngine
-    from prunelab.train import _check_cost_meter, fit_and_record
+    from prunelab.train import _check_cost_meter, fit_and_record, optimization_options
 
     run_dir = Path(cfg.paths.output_dir)
     seed = int(cfg.seed)
@@ -186,6 +186,7 @@ def run_imp(
             weight_decay_norm_bias=bool(cfg.get("weight_decay_norm_bias", True)),
             lr_schedule_offset=0 if first else k,
             lr_schedule_total=None if first else total,
+            **optimization_options(cfg),
         )
         sub_cfg = copy.deepcopy(config)
         sub_cfg["sparsity"] = level.sparsity

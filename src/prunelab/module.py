@@ -5,10 +5,24 @@ Per-step work outside forward, backward and the optimizer step is kept close to 
 training loss and accuracy are reduced in batched windows (:class:`TrainStats`) and logged
 once per window and per epoch, and the attribute Lightning sets around every hook call skips
 nn.Module's registry checks.
+
+The training step uses Lightning's manual optimization (its automatic optimization costs
+a closure, a dozen hook dispatches and progress bookkeeping per step, some 20% of a small
+model's step on a CPU) and does what automatic optimization did, in the same order, so that
+the same seeds give the same numbers: the loss divided by ``accumulate_grad_batches``,
+``zero_grad`` at the first batch of each accumulation window, backward through the precision
+plugin (:meth:`manual_backward`), and the optimizer step (through Lightning's optimizer
+wrapper, so ``global_step``, AMP and the ``on_before_optimizer_step`` hooks work as before)
+at the window's last batch or the epoch's last batch; gradient clipping after the engine
+has masked the gradients; learning-rate schedulers stepped after the optimizer step
+(``interval: step``) or after the epoch's last optimizer step (``interval: epoch``). The
+Trainer is therefore built without ``gradient_clip_val`` and ``accumulate_grad_batches``:
+the module takes them (:func:`prunelab.train.build`).
 """
 
 from __future__ import annotations
 
+import inspect
 import math
 import warnings
 from collections.abc import Callable
@@ -93,6 +107,26 @@ class TrainStats:
         return self._loss_sum / self._seen, self._correct.float() / self._seen
 
 
+_AUTOMATIC_STEPS = "epoch_loop.automatic_optimization.optim_progress"
+_MANUAL_STEPS = "epoch_loop.manual_optimization.optim_step_progress"
+
+
+def _carry_optimizer_steps(checkpoint: dict[str, Any]) -> None:
+    """A checkpoint written while the module used automatic optimization counts its optimizer
+    steps in that loop's progress, and ``global_step`` now reads the manual loop's: carry the
+    count over (before Lightning restores the loops from the checkpoint), so that resuming
+    such a checkpoint continues at its step (schedules, mask updates, ``max_steps``)."""
+    loop = (checkpoint.get("loops") or {}).get("fit_loop") or {}
+    automatic = ((loop.get(_AUTOMATIC_STEPS) or {}).get("optimizer") or {}).get("step")
+    manual = loop.get(_MANUAL_STEPS)
+    if not automatic or not manual:
+        return
+    done = int(automatic["total"]["completed"])
+    if done > 0 and int(manual["total"]["completed"]) == 0:
+        total = {"ready": done, "completed": done}
+        loop[_MANUAL_STEPS] = {"total": dict(total), "current": dict(total)}
+
+
 class ClassificationModule(pl.LightningModule):
     """Cross-entropy classification with top-1 (and top-5) accuracy per stage."""
 
@@ -108,12 +142,34 @@ class ClassificationModule(pl.LightningModule):
         weight_decay_norm_bias: bool = True,
         lr_schedule_offset: int = 0,
         lr_schedule_total: int | None = None,
+        gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str | None = None,
+        accumulate_grad_batches: int = 1,
     ) -> None:
         """``lr_schedule_offset``/``lr_schedule_total``: a run that continues a longer
         schedule (an IMP level rewound to step k trains steps k..T) starts its learning-rate
         schedule ``lr_schedule_offset`` optimizer steps in, on a schedule sized for
-        ``lr_schedule_total`` steps (default: this run's own length)."""
+        ``lr_schedule_total`` steps (default: this run's own length).
+
+        ``gradient_clip_val`` (``gradient_clip_algorithm``: ``norm``, the default, or
+        ``value``) and ``accumulate_grad_batches`` mean what they mean to Lightning's Trainer,
+        which must not be given them as well (the trainer config's values come here)."""
         super().__init__()
+        self.automatic_optimization = False
+        accumulate = int(accumulate_grad_batches or 1)
+        if accumulate < 1:
+            raise ValueError(f"accumulate_grad_batches must be >= 1, got {accumulate}")
+        self._accumulate = accumulate
+        self._clip_val = float(gradient_clip_val) if gradient_clip_val else 0.0
+        self._clip_algorithm = str(gradient_clip_algorithm or "norm").lower()
+        if self._clip_algorithm not in ("norm", "value"):
+            raise ValueError(
+                f"gradient_clip_algorithm must be 'norm' or 'value', got {gradient_clip_algorithm!r}"
+            )
+        # Set per fit (configure_optimizers, on_train_start).
+        self._lr_scheduler: Any = None
+        self._optimizer: Any = None
+        self._mid_window = False  # gradients of an unfinished accumulation window are held
         self.model = model
         self.engine = engine
         self.num_classes = num_classes
@@ -148,15 +204,37 @@ class ClassificationModule(pl.LightningModule):
         else:
             super().__setattr__(name, value)
 
+    @property
+    def accumulate_grad_batches(self) -> int:
+        """Batches whose gradients add up to one optimizer step."""
+        return self._accumulate
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
 
     # -- sparsity engine --------------------------------------------------------------------
+    def optimizer_steps(self) -> int | float:
+        """Optimizer steps of this fit: what ``trainer.estimated_stepping_batches`` counts
+        under automatic optimization (it counts batches under manual optimization, which
+        does the accumulation): ceil(batches per epoch / accumulate_grad_batches) per epoch,
+        at most ``max_steps``."""
+        trainer = self.trainer
+        estimate = trainer.estimated_stepping_batches  # sets the data up if need be
+        if self._accumulate == 1 or trainer.max_epochs == -1:
+            return estimate
+        batches = trainer.num_training_batches
+        if batches == float("inf"):  # an iterable dataset: max_steps, as Lightning has it
+            return trainer.max_steps
+        steps = math.ceil(batches / self._accumulate) * max(int(trainer.max_epochs or 1), 1)
+        return min(steps, trainer.max_steps) if trainer.max_steps != -1 else steps
+
     def on_train_start(self) -> None:
         """Size the schedules to this run and decide the initial masks (unless resumed)."""
+        self._optimizer = self.optimizers()
+        self._mid_window = False
         if self.engine is None:
             return
-        total = int(self.trainer.estimated_stepping_batches)
+        total = int(self.optimizer_steps())
         per_epoch = max(1, total // max(1, int(self.trainer.max_epochs or 1)))
         self.engine.setup(total_steps=total, steps_per_epoch=per_epoch)
         if not self.engine.initialized:
@@ -171,20 +249,23 @@ class ClassificationModule(pl.LightningModule):
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         """Dense gradients are here (accumulated, unscaled, DDP-reduced): update the masks on
-        update steps, then mask the gradients."""
+        update steps, then mask the gradients; then clip them (``gradient_clip_val``)."""
         engine = self.engine
-        if engine is None or not engine.active:
-            return
-        step = self.global_step
-        gradients = None
-        if engine.masks is not None and engine.method.is_update_step(step):
-            # Only on update steps: the dense gradients against the masks they were computed
-            # under, before the update changes the masks and masks the gradients.
-            gradients = gradient_norms(engine.masks, {n: p.grad for n, p in engine.params.items()})
-        if engine.before_optimizer_step(step, optimizer):
-            if self.trainer.world_size > 1:
-                self._check_masks_agree()
-            self._log_engine(force_layers=True, gradients=gradients)
+        if engine is not None and engine.active:
+            step = self.global_step
+            gradients = None
+            if engine.masks is not None and engine.method.is_update_step(step):
+                # Only on update steps: the dense gradients against the masks they were
+                # computed under, before the update changes the masks and masks the gradients.
+                grads = {n: p.grad for n, p in engine.params.items()}
+                gradients = gradient_norms(engine.masks, grads)
+            if engine.before_optimizer_step(step, optimizer):
+                if self.trainer.world_size > 1:
+                    self._check_masks_agree()
+                self._log_engine(force_layers=True, gradients=gradients)
+        if self._clip_val > 0:
+            # Where automatic optimization clips: after this hook, on the masked gradients.
+            self.clip_gradients(optimizer, self._clip_val, self._clip_algorithm)
 
     def _check_masks_agree(self) -> None:
         """Under DDP, fail loudly if any rank chose a different mask (at initialisation and
@@ -229,12 +310,36 @@ class ClassificationModule(pl.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if self.engine is not None and "sparsity_engine" in checkpoint:
             self.engine.load_state_dict(checkpoint["sparsity_engine"])
+        _carry_optimizer_steps(checkpoint)
 
     # -- training ---------------------------------------------------------------------------
     def on_train_epoch_start(self) -> None:
         self._train_stats.reset()
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int):
+        return self._optimize(self.training_loss(batch), batch_idx)
+
+    # Lightning reads training_step's signature before every batch (whether to pass
+    # batch_idx); with the signature precomputed, inspect returns it instead of rebuilding it
+    # (some sixty Python calls per step).
+    training_step.__signature__ = inspect.signature(training_step)  # type: ignore[attr-defined]
+
+    def transfer_batch_to_device(
+        self, batch: Any, device: torch.device, dataloader_idx: int
+    ) -> Any:
+        """An (inputs, targets) pair of tensors moves as Lightning would move it (non-blocking
+        except to the CPU), without its generic walk over the collection; a batch already on
+        ``device`` (CPU training) is passed through. Anything else goes to Lightning."""
+        if type(batch) in (tuple, list) and all(type(t) is torch.Tensor for t in batch):
+            if all(t.device == device for t in batch):
+                return batch
+            non_blocking = device.type not in ("cpu", "mps")
+            return type(batch)(t.to(device, non_blocking=non_blocking) for t in batch)
+        return super().transfer_batch_to_device(batch, device, dataloader_idx)
+
+    def training_loss(self, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """The loss to minimise on a training batch: cross-entropy, plus the pruning method's
+        penalty if it has one (L1, L0); the batch's loss and accuracy go to the statistics."""
         x, y = batch
         logits = self.model(x)
         loss = F.cross_entropy(logits, y)
@@ -246,6 +351,80 @@ class ClassificationModule(pl.LightningModule):
             if penalty is not None:
                 return loss + penalty
         return loss
+
+    def _optimize(self, loss: torch.Tensor, batch_idx: int) -> torch.Tensor:
+        """Backward and, at the end of an accumulation window, the optimizer step and the
+        learning-rate schedulers: automatic optimization's sequence (see the module's
+        docstring). Returns the loss as automatic optimization reports it (divided by
+        ``accumulate_grad_batches``)."""
+        optimizer = self._optimizer
+        if optimizer is None:
+            optimizer = self._optimizer = self.optimizers()
+        accumulate = self._accumulate
+        if accumulate == 1:
+            optimizer.zero_grad()
+            self.manual_backward(loss)
+            stepping = True
+        else:
+            loss = loss / accumulate
+            if batch_idx % accumulate == 0:
+                optimizer.zero_grad()
+            stepping = (batch_idx + 1) % accumulate == 0 or self._last_batch(batch_idx)
+            if stepping or self.trainer.world_size == 1:
+                self.manual_backward(loss)
+            else:  # no gradient all-reduce until the window's last batch
+                with self.trainer.strategy.block_backward_sync():
+                    self.manual_backward(loss)
+        if not stepping:
+            self._mid_window = True
+            return loss
+        self._mid_window = False
+        optimizer.step()
+        scheduler = self._lr_scheduler
+        if scheduler is not None and (
+            self._scheduler_interval == "step" or self._last_batch(batch_idx)
+        ):
+            scheduler.step()
+        return loss
+
+    def _last_batch(self, batch_idx: int) -> bool:
+        """Whether ``batch_idx`` is the epoch's last training batch (Lightning's test for
+        the last optimizer step of an epoch and for epoch-interval schedulers)."""
+        trainer = self.trainer
+        return (
+            batch_idx + 1 == trainer.num_training_batches
+            or trainer.fit_loop.epoch_loop.batch_progress.is_last_batch
+        )
+
+    # Lightning's fit loop counts every batch as one that stepped the optimizer under manual
+    # optimization (automatic optimization counted only the batches that did); that count is
+    # the step of the metrics logged through self.log and decides when they are written
+    # (log_every_n_steps). With accumulation, these two hooks keep it in optimizer steps, as
+    # automatic optimization had it: set to global_step before each batch, and held off the
+    # next multiple of log_every_n_steps after a batch that did not step (whose metrics
+    # automatic optimization did not write).
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        if self._accumulate > 1 and self.trainer.training:
+            loop = self.trainer.fit_loop.epoch_loop
+            if hasattr(loop, "_batches_that_stepped"):
+                loop._batches_that_stepped = self.trainer.global_step
+        return batch
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self._mid_window:
+            loop = self.trainer.fit_loop.epoch_loop
+            every = self.trainer.log_every_n_steps
+            if (
+                hasattr(loop, "_batches_that_stepped")
+                and every > 1
+                and (loop._batches_that_stepped + 1) % every == 0
+            ):
+                loop._batches_that_stepped -= 1
+
+    def on_validation_model_zero_grad(self) -> None:
+        # Validation inside an accumulation window (val_check_interval) keeps its gradients.
+        if not self._mid_window:
+            super().on_validation_model_zero_grad()
 
     def on_train_epoch_end(self) -> None:
         totals = self._train_stats.epoch_totals()
@@ -323,14 +502,15 @@ class ClassificationModule(pl.LightningModule):
         optimizer = self._optimizer_factory(params=self.parameter_groups())
         if self.engine is not None:
             self.engine.attach(optimizer)  # re-mask after every optimizer step
+        self._lr_scheduler = None
         if self._scheduler_factory is None:
             return optimizer
         kwargs: dict[str, Any] = {}
         target = getattr(self._scheduler_factory, "func", self._scheduler_factory)
-        steps = int(self.trainer.estimated_stepping_batches)
-        # Optimizer steps per epoch (estimated_stepping_batches has set up the data).
+        steps = int(self.optimizer_steps())
+        # Optimizer steps per epoch (optimizer_steps has set up the data).
         batches = self.trainer.num_training_batches
-        accumulate = max(1, int(self.trainer.accumulate_grad_batches))
+        accumulate = self._accumulate
         per_epoch = max(1, int(batches) // accumulate) if math.isfinite(batches) else 1
         total_steps = self._lr_total if self._lr_total is not None else steps
         if target is torch.optim.lr_scheduler.CosineAnnealingLR and "T_max" not in getattr(
@@ -353,6 +533,8 @@ class ClassificationModule(pl.LightningModule):
                 warnings.simplefilter("ignore", UserWarning)
                 for _ in range(skip):
                     scheduler.step()
+        # Stepped by _optimize; Lightning saves and restores its state with the checkpoint.
+        self._lr_scheduler = scheduler
         return {
             "optimizer": optimizer,
             "lr_scheduler": {"scheduler": scheduler, "interval": self._scheduler_interval},

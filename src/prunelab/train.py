@@ -94,6 +94,24 @@ def _instantiate(node: Any, group: str, **kwargs: Any) -> Any:
         ) from None
 
 
+# Trainer options that the Lightning module applies itself: it optimizes manually (see
+# prunelab.module), and Lightning's Trainer refuses them under manual optimization.
+MODULE_TRAINER_OPTIONS = {
+    "gradient_clip_val": None,
+    "gradient_clip_algorithm": None,
+    "accumulate_grad_batches": 1,
+}
+
+
+def optimization_options(cfg: DictConfig) -> dict[str, Any]:
+    """``gradient_clip_val``, ``gradient_clip_algorithm`` and ``accumulate_grad_batches``
+    of the trainer config, for :class:`~prunelab.module.ClassificationModule`."""
+    return {
+        key: default if cfg.trainer.get(key) is None else cfg.trainer.get(key)
+        for key, default in MODULE_TRAINER_OPTIONS.items()
+    }
+
+
 def build(cfg: DictConfig) -> dict[str, Any]:
     """Instantiate the datamodule, model, Lightning module (and check the data is there)."""
     from prunelab.models import prunable_parameters
@@ -121,6 +139,7 @@ def build(cfg: DictConfig) -> dict[str, Any]:
         log_every_n_steps=cfg.trainer.get("log_every_n_steps", 50),
         engine=engine,
         weight_decay_norm_bias=bool(cfg.get("weight_decay_norm_bias", True)),
+        **optimization_options(cfg),
     )
     return {
         "datamodule": datamodule,
@@ -295,9 +314,8 @@ def _cost(cfg: DictConfig, built: dict[str, Any], trainer: Any) -> dict[str, Any
     latency = _latency_setting(settings.get("latency", True))
     engine, model = built["engine"], built["model"]
     method = engine.method
-    samples = (
-        int(cfg.dataset.batch_size) * int(trainer.world_size) * int(trainer.accumulate_grad_batches)
-    )
+    accumulate = built["module"].accumulate_grad_batches
+    samples = int(cfg.dataset.batch_size) * int(trainer.world_size) * int(accumulate)
     drop = getattr(method, "drop_schedule", None)
     model.eval()
     report = cost_report(
@@ -610,6 +628,7 @@ def fit_and_record(
             callbacks=[checkpoint, *configured, *progress, *(callbacks or [])],
             default_root_dir=str(run_dir),
             **({} if cfg.trainer.get("profiler") else {"profiler": NullProfiler()}),
+            **MODULE_TRAINER_OPTIONS,  # the module has them (optimization_options)
             **(trainer_kwargs or {}),
         )
         start = time.time()

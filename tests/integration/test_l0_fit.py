@@ -55,7 +55,7 @@ def test_module_adds_the_expected_l0_penalty_to_the_training_loss(compose_cfg):
     datamodule.setup("fit")
     x, y = next(iter(datamodule.train_dataloader()))
     torch.manual_seed(0)
-    loss = module.training_step((x, y), 0)
+    loss = module.training_loss((x, y))
     torch.manual_seed(0)
     data_loss = F.cross_entropy(module.model(x), y)
     assert torch.allclose(loss, data_loss + engine.penalty(0))

@@ -25,6 +25,6 @@ def test_module_adds_the_penalty_to_the_training_loss(compose_cfg):
     datamodule = built["datamodule"]
     datamodule.setup("fit")
     x, y = next(iter(datamodule.train_dataloader()))
-    loss = module.training_step((x, y), 0)
+    loss = module.training_loss((x, y))
     data_loss = F.cross_entropy(module.model(x), y)
     assert torch.allclose(loss, data_loss + engine.penalty(0))

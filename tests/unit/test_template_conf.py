@@ -26,7 +26,7 @@ from prunelab.errors import ConfigError
 
 RUN_CHECKPOINT = "prunelab.tracking.checkpoint.RunCheckpoint"
 AT_TARGET = "prunelab.tracking.early_stopping.AtTargetEarlyStopping"
-SUMMARY = "pytorch_lightning.callbacks.RichModelSummary"
+SUMMARY = "prunelab.tracking.progress.FitStartModelSummary"
 
 
 def _one_line(err: pytest.ExceptionInfo) -> str:

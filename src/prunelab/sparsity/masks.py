@@ -78,9 +78,13 @@ class Masks(Mapping[str, torch.Tensor]):
         return {n: 1.0 - int(m.sum()) / m.numel() for n, m in self._masks.items()}
 
     # -- application ------------------------------------------------------------------------
-    @torch.no_grad()
     def apply_(self, tensors: Mapping[str, torch.Tensor | None]) -> None:
-        """Zero, in place, the entries of ``tensors`` (weights or grads) that are masked out."""
+        """Zero, in place, the entries of ``tensors`` (weights or grads) that are masked out.
+
+        One multiplication by the mask per tensor, all in a single foreach call (it runs on
+        every optimizer step, twice), outside autograd."""
+        targets: list[torch.Tensor] = []
+        factors: list[torch.Tensor] = []
         for name, mask in self._masks.items():
             tensor = tensors.get(name)
             if tensor is None:
@@ -89,7 +93,15 @@ class Masks(Mapping[str, torch.Tensor]):
             cast = self._cast.get(key)
             if cast is None or cast.device != tensor.device:
                 cast = self._cast[key] = mask.to(device=tensor.device, dtype=tensor.dtype)
-            tensor.mul_(cast)
+            targets.append(tensor)
+            factors.append(cast)
+        if not targets:
+            return
+        if torch.is_grad_enabled():
+            with torch.no_grad():
+                torch._foreach_mul_(targets, factors)
+        else:
+            torch._foreach_mul_(targets, factors)
 
     def to(self, device: torch.device | str) -> Masks:
         """The same masks on another device."""

@@ -1,11 +1,12 @@
-"""The terminal progress bar: Rich, redrawn at most a few times a second."""
+"""Terminal output: the progress bar (Rich, redrawn at most a few times a second) and the
+model summary at the start of fit."""
 
 from __future__ import annotations
 
 import time
 from typing import Any
 
-from pytorch_lightning.callbacks import RichProgressBar
+from pytorch_lightning.callbacks import RichModelSummary, RichProgressBar
 
 
 class ThrottledRichProgressBar(RichProgressBar):
@@ -30,3 +31,17 @@ class ThrottledRichProgressBar(RichProgressBar):
         if last or now - self._last_draw >= self.min_interval_s:
             self._last_draw = now
             super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+
+
+class FitStartModelSummary(RichModelSummary):
+    """Lightning's RichModelSummary, which leaves the Trainer's callbacks once it has printed.
+
+    The summary is printed at the start of fit and the callback does nothing afterwards, but
+    Lightning would still dispatch every hook of every batch to it (some fifty Python calls
+    per training step). Stateless, so checkpoints are the same without it.
+    """
+
+    def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
+        super().on_fit_start(trainer, pl_module)
+        # A new list: Lightning may be iterating over the current one.
+        trainer.callbacks = [cb for cb in trainer.callbacks if cb is not self]
