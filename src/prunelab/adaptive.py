@@ -135,9 +135,8 @@ def run_adaptive(
     :func:`prunelab.train.build`: its data and model are reused, each stage gets a fresh
     module, engine and optimizer."""
     from prunelab.cost.flops import layer_flops
-    from prunelab.module import ClassificationModule
     from prunelab.sparsity.engine import SparsityEngine
-    from prunelab.train import _check_cost_meter, fit_and_record
+    from prunelab.train import _check_cost_meter, fit_and_record, stage_module
 
     run_dir = Path(cfg.paths.output_dir)
     seed = int(cfg.seed)
@@ -181,16 +180,7 @@ def run_adaptive(
         model.load_state_dict(weights)
         model.train()  # the previous stage's cost report left it in eval mode
         engine = SparsityEngine(model, prunable, method.for_candidate(sparsity, mask), seed=seed)
-        module = ClassificationModule(
-            model=model,
-            num_classes=datamodule.num_classes,
-            optimizer=built["module"]._optimizer_factory,
-            scheduler=built["module"]._scheduler_factory,
-            scheduler_interval=cfg.lr_scheduler.get("interval", "epoch"),
-            log_every_n_steps=cfg.trainer.get("log_every_n_steps", 50),
-            engine=engine,
-            weight_decay_norm_bias=bool(cfg.get("weight_decay_norm_bias", True)),
-        )
+        module = stage_module(cfg, built, engine)
         sub_cfg = copy.deepcopy(config)
         sub_cfg["sparsity"] = sparsity
         sub_cfg["pruning"] = {**sub_cfg["pruning"], "step": step}

@@ -109,9 +109,8 @@ def run_imp(
     """Train every level (and branch) of an IMP run; complete ``record`` as the summary and
     return it. ``built`` is the parent's :func:`prunelab.train.build` (its data and model are
     reused; each level gets a fresh module, engine and optimizer)."""
-    from prunelab.module import ClassificationModule
     from prunelab.sparsity.engine import SparsityEngine
-    from prunelab.train import _check_cost_meter, fit_and_record, optimization_options
+    from prunelab.train import _check_cost_meter, fit_and_record, stage_module
 
     run_dir = Path(cfg.paths.output_dir)
     seed = int(cfg.seed)
@@ -175,18 +174,12 @@ def run_imp(
         engine = SparsityEngine(model, prunable, level_method, seed=seed)
         first = level.index == 0 or k == 0
         total = steps
-        module = ClassificationModule(
-            model=model,
-            num_classes=datamodule.num_classes,
-            optimizer=built["module"]._optimizer_factory,
-            scheduler=built["module"]._scheduler_factory,
-            scheduler_interval=cfg.lr_scheduler.get("interval", "epoch"),
-            log_every_n_steps=cfg.trainer.get("log_every_n_steps", 50),
-            engine=engine,
-            weight_decay_norm_bias=bool(cfg.get("weight_decay_norm_bias", True)),
+        module = stage_module(
+            cfg,
+            built,
+            engine,
             lr_schedule_offset=0 if first else k,
             lr_schedule_total=None if first else total,
-            **optimization_options(cfg),
         )
         sub_cfg = copy.deepcopy(config)
         sub_cfg["sparsity"] = level.sparsity

@@ -112,6 +112,27 @@ def optimization_options(cfg: DictConfig) -> dict[str, Any]:
     }
 
 
+def stage_module(cfg: DictConfig, built: dict[str, Any], engine: Any, **options: Any) -> Any:
+    """A new Lightning module for one stage of a multi-stage run (an IMP level, an adaptive
+    candidate): the run's model under ``engine``, with the optimizer and scheduler factories
+    of ``built`` and every option of the config, plus ``options`` (e.g. the LR schedule
+    offset of a rewound level)."""
+    from prunelab.module import ClassificationModule
+
+    return ClassificationModule(
+        model=engine.model,
+        num_classes=built["datamodule"].num_classes,
+        optimizer=built["module"]._optimizer_factory,
+        scheduler=built["module"]._scheduler_factory,
+        scheduler_interval=cfg.lr_scheduler.get("interval", "epoch"),
+        log_every_n_steps=cfg.trainer.get("log_every_n_steps", 50),
+        engine=engine,
+        weight_decay_norm_bias=bool(cfg.get("weight_decay_norm_bias", True)),
+        **optimization_options(cfg),
+        **options,
+    )
+
+
 def build(cfg: DictConfig) -> dict[str, Any]:
     """Instantiate the datamodule, model, Lightning module (and check the data is there)."""
     from prunelab.models import prunable_parameters
