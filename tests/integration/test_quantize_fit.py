@@ -128,9 +128,10 @@ def test_quantize_after_imp_is_a_one_line_error_from_the_command_line(tmp_path):
     assert result.returncode != 0
     lines = [line for line in result.stderr.splitlines() if "quantize=int8_ptq" in line]
     assert lines and "pruning=imp" in lines[0]
-    assert not (tmp_path / "run" / files.RESULTS).exists() or '"completed"' not in (
-        tmp_path / "run" / files.RESULTS
-    ).read_text()
+    assert (
+        not (tmp_path / "run" / files.RESULTS).exists()
+        or '"completed"' not in (tmp_path / "run" / files.RESULTS).read_text()
+    )
 
 
 def test_eval_writes_and_reloads_every_quantized_artefact(compose_cfg, tmp_path):
