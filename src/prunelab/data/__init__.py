@@ -15,9 +15,7 @@ The modules that use torchvision (MNIST, Fashion-MNIST, CIFAR) are imported on f
 
 from __future__ import annotations
 
-import importlib
-from collections.abc import Iterator, Mapping
-from typing import Any
+from collections.abc import Mapping
 
 from prunelab.data.base import (
     BaseDataModule,
@@ -29,6 +27,7 @@ from prunelab.data.base import (
     split_indices,
 )
 from prunelab.data.memory import DigitsDataModule, MNIST1DDataModule
+from prunelab.lazy import LazyClasses, lazy_attributes
 
 # The datasets read with torchvision are imported on first use (``prunelab.data.CIFAR10DataModule``
 # imports torchvision then), so that a run on the other datasets never imports it.
@@ -41,37 +40,12 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted([*globals(), *_LAZY])
-
-
-class _Classes(Mapping):
-    """``{option name: class}`` whose classes are imported when looked up."""
-
-    def __init__(self, names: dict[str, str]) -> None:
-        self._names = names
-
-    def __getitem__(self, key: str) -> Any:
-        return getattr(importlib.import_module(__name__), self._names[key])
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._names)
-
-    def __len__(self) -> int:
-        return len(self._names)
+__getattr__, __dir__ = lazy_attributes(__name__, _LAZY, globals())
 
 
 #: Hydra option name (``conf/dataset/<name>.yaml``) -> datamodule class.
-DATAMODULES: Mapping[str, type[BaseDataModule]] = _Classes(
+DATAMODULES: Mapping[str, type[BaseDataModule]] = LazyClasses(
+    __name__,
     {
         "mnist1d": "MNIST1DDataModule",
         "digits": "DigitsDataModule",
@@ -79,7 +53,7 @@ DATAMODULES: Mapping[str, type[BaseDataModule]] = _Classes(
         "fashion_mnist": "FashionMNISTDataModule",
         "cifar10": "CIFAR10DataModule",
         "cifar100": "CIFAR100DataModule",
-    }
+    },
 )
 
 __all__ = [

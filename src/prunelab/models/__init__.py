@@ -6,12 +6,11 @@ a model that cannot handle it raises :class:`prunelab.errors.ConfigError` when b
 
 from __future__ import annotations
 
-import importlib
-from collections.abc import Iterator, Mapping
-from typing import Any
+from collections.abc import Mapping
 
 from torch import nn
 
+from prunelab.lazy import LazyClasses, lazy_attributes
 from prunelab.models.cnn1d import MNIST1DCNN
 from prunelab.models.conv import Conv4, Conv6
 from prunelab.models.lenet import LeNet5
@@ -25,37 +24,12 @@ from prunelab.models.wrn import WRN22_2, WideResNet
 _LAZY = {"ResNet18": "prunelab.models.resnet18"}
 
 
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted([*globals(), *_LAZY])
-
-
-class _Classes(Mapping):
-    """``{option name: class}`` whose classes are imported when looked up."""
-
-    def __init__(self, names: dict[str, str]) -> None:
-        self._names = names
-
-    def __getitem__(self, key: str) -> type[nn.Module]:
-        return getattr(importlib.import_module(__name__), self._names[key])
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._names)
-
-    def __len__(self) -> int:
-        return len(self._names)
+__getattr__, __dir__ = lazy_attributes(__name__, _LAZY, globals())
 
 
 #: Hydra option name (``conf/model/<name>.yaml``) -> model class.
-MODELS: Mapping[str, type[nn.Module]] = _Classes(
+MODELS: Mapping[str, type[nn.Module]] = LazyClasses(
+    __name__,
     {
         "mlp": "MLP",
         "lenet300_100": "LeNet300_100",
@@ -69,7 +43,7 @@ MODELS: Mapping[str, type[nn.Module]] = _Classes(
         "vgg16": "VGG16",
         "wrn22_2": "WRN22_2",
         "resnet18": "ResNet18",
-    }
+    },
 )
 
 PRUNABLE_TYPES: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Linear)
