@@ -27,6 +27,8 @@ EXPORT_ONNX = "model.onnx"
 EXPORT_COMPACT = "compact.pt"
 EXPORT_COMPACT_ONNX = "model_compact.onnx"
 EXPORT_REPORT = "export.json"
+# The per-machine cache of sparse-kernel choices (prunelab.cost.latency autotune).
+SPARSE_KERNEL_CACHE = "sparse_kernels.json"
 # The run's quantization step (conf/quantize): its files, in <run>/quantize/.
 QUANTIZE_DIR = "quantize"
 QUANT_FP32_ONNX = "model_fp32.onnx"
