@@ -364,7 +364,6 @@ class ClassificationModule(pl.LightningModule):
         if accumulate == 1:
             optimizer.zero_grad()
             self.manual_backward(loss)
-            stepping = True
         else:
             loss = loss / accumulate
             if batch_idx % accumulate == 0:
@@ -375,10 +374,10 @@ class ClassificationModule(pl.LightningModule):
             else:  # no gradient all-reduce until the window's last batch
                 with self.trainer.strategy.block_backward_sync():
                     self.manual_backward(loss)
-        if not stepping:
-            self._mid_window = True
-            return loss
-        self._mid_window = False
+            # (An nn.Module attribute: set only with accumulation, where it can change.)
+            self._mid_window = not stepping
+            if not stepping:
+                return loss
         optimizer.step()
         scheduler = self._lr_scheduler
         if scheduler is not None and (

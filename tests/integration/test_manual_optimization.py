@@ -16,7 +16,9 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.loggers import CSVLogger
+from pytorch_lightning.plugins.precision import MixedPrecision
 from torch import nn
+from torch.amp import GradScaler
 from torch.utils.data import DataLoader, TensorDataset
 
 from prunelab import files
@@ -136,6 +138,7 @@ def fit(
     logger: bool = False,
     ckpt_path: str | None = None,
     stop_after_epoch: int | None = None,
+    grad_scaler: float | None = None,
 ):
     """Train from the same seeds; the module, its engine and the trainer."""
     pl.seed_everything(0, verbose=False)
@@ -171,7 +174,12 @@ def fit(
         devices=1,
         max_epochs=epochs,
         max_steps=max_steps,
-        precision=precision,
+        # fp16 AMP with a loss scaler (Lightning has none on the CPU unless given one).
+        **(
+            {"plugins": [MixedPrecision("16-mixed", "cpu", scaler=GradScaler("cpu", grad_scaler))]}
+            if grad_scaler
+            else {"precision": precision}
+        ),
         logger=CSVLogger(str(tmp_path), name="csv", version="") if logger else False,
         log_every_n_steps=2,
         callbacks=[
@@ -289,6 +297,20 @@ def test_bf16_mixed_precision_keeps_masks_exact(tmp_path):
     ref = fit(tmp_path / "ref", automatic=True, method="rigl", precision="bf16-mixed", accumulate=2)
     for name, value in weights(ref[0]).items():
         torch.testing.assert_close(weights(module)[name], value, rtol=0, atol=1e-6, msg=name)
+
+
+def test_fp16_loss_scaling_matches_automatic_optimization(tmp_path):
+    """Under a GradScaler (fp16 AMP) the gradients are unscaled before the engine and the
+    clipping see them, and steps whose gradients overflow are skipped, mask updates included,
+    as under automatic optimization: the scale starts so high that most steps overflow."""
+    settings = {"method": "rigl", "accumulate": 2, "clip": 0.5, "optimizer": "sgd"}
+    ours, ref = assert_same_run(tmp_path, grad_scaler=2.0**24, **settings)
+    scaler = ours[2].precision_plugin.scaler
+    assert scaler.get_scale() == ref[2].precision_plugin.scaler.get_scale() < 2.0**24
+    assert ours[1].n_skipped_updates == ref[1].n_skipped_updates > 0
+    assert ours[1].n_updates == ref[1].n_updates > 0
+    for name, param in ours[1].params.items():
+        assert torch.all(param[~ours[1].masks[name]] == 0), name
 
 
 def test_the_trainer_config_options_reach_the_module(compose_cfg, monkeypatch):

@@ -86,3 +86,27 @@ def test_summary_says_when_latency_was_measured_under_load():
     loaded = {**cost, "latency_under_load": True}
     rows = dict(summary_rows({"cost": loaded, "config": {}, "sparsity": {}}))
     assert rows["latency b256"].endswith("(1 thread, under load: parallel sweep)")
+
+
+def test_progress_bar_redraws_at_most_twice_a_second_and_at_the_last_batch(monkeypatch):
+    from types import SimpleNamespace
+
+    from pytorch_lightning.callbacks import RichProgressBar
+
+    from prunelab.tracking import progress
+    from prunelab.tracking.progress import ThrottledRichProgressBar
+
+    drawn: list[int] = []
+    monkeypatch.setattr(RichProgressBar, "on_train_epoch_start", lambda *a: None)
+    monkeypatch.setattr(
+        RichProgressBar, "on_train_batch_end", lambda self, t, m, o, b, i: drawn.append(i)
+    )
+    clock = iter([10.0, 10.1, 10.2, 10.6, 10.7, 10.8])
+    monkeypatch.setattr(progress.time, "monotonic", lambda: next(clock))
+    bar = ThrottledRichProgressBar()
+    trainer = SimpleNamespace(max_epochs=1, max_steps=-1, num_training_batches=6)
+    monkeypatch.setattr(ThrottledRichProgressBar, "trainer", property(lambda self: trainer))
+    bar.on_train_epoch_start(trainer, None)
+    for i in range(6):
+        bar.on_train_batch_end(trainer, None, None, None, i)
+    assert drawn == [0, 3, 5]  # the first, then 0.5 s later, and the last batch

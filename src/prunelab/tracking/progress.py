@@ -21,12 +21,17 @@ class ThrottledRichProgressBar(RichProgressBar):
         super().__init__(**kwargs)
         self.min_interval_s = float(min_interval_s)
         self._last_draw = 0.0
+        self._epoch_total: Any = None
+
+    def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
+        super().on_train_epoch_start(trainer, pl_module)
+        self._epoch_total = self.total_train_batches  # read once per epoch, not per batch
 
     def on_train_batch_end(
         self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         now = time.monotonic()
-        total = self.total_train_batches
+        total = self._epoch_total
         last = isinstance(total, int) and batch_idx + 1 >= total
         if last or now - self._last_draw >= self.min_interval_s:
             self._last_draw = now
