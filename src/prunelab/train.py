@@ -209,6 +209,28 @@ def _limit_threads() -> None:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // parallel))
 
 
+def _skip_unloadable_nvml() -> None:
+    """Stop a failed NVML load on every optimizer step where no NVIDIA driver is installed.
+
+    Lightning sets ``PYTORCH_NVML_BASED_CUDA_CHECK=1`` when it is imported, so that checking
+    for CUDA does not initialise it before DataLoader workers fork. With it set,
+    ``torch.cuda.is_available()`` first tries to load ``libnvidia-ml.so.1``, and falls back
+    to the CUDA runtime's device count when that fails; torch's optimizers ask on every
+    ``step()``. Where the library cannot be loaded, every step pays a failed ``dlopen``
+    (tens of microseconds, a few per cent of a small model's step) for the same answer
+    from the same fallback, so the variable is cleared. Machines with the driver are left
+    as Lightning set them.
+    """
+    if os.environ.get("PYTORCH_NVML_BASED_CUDA_CHECK") != "1":
+        return
+    import ctypes
+
+    try:
+        ctypes.CDLL("libnvidia-ml.so.1")
+    except OSError:
+        os.environ["PYTORCH_NVML_BASED_CUDA_CHECK"] = "0"
+
+
 def _latency_under_load() -> bool:
     """Whether other jobs of this sweep may run on this machine while this one is timed: a
     joblib sweep with ``n_jobs`` other than 1, or submitit's local launcher (which starts
@@ -500,6 +522,7 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> dict[str, Any]:
 
     from prunelab.tracking.extras import apply_extras
 
+    _skip_unloadable_nvml()
     startup.mark("framework")
     run_dir = Path(cfg.paths.output_dir)
     try:
