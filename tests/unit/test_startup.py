@@ -116,7 +116,10 @@ def test_the_default_run_imports_nothing_heavy_of_its_own(tmp_path):
     imports an unused heavy package at module level, and no ONNX or pandas at all.
     (torchmetrics, imported by Lightning, still imports torchvision and matplotlib itself.)"""
     loaded, marks = _to_first_step(tmp_path)
-    assert not loaded & {"onnx", "onnxruntime", "pandas", "optuna"}
+    assert not loaded & {"onnx", "onnxruntime", "pandas", "optuna", "torch_pruning"}
+    # Only the method the run builds (pruning=dense), and the base every method shares.
+    methods = {m for m in loaded if m.startswith("prunelab.methods.")}
+    assert methods == {"prunelab.methods.base", "prunelab.methods.dense"}
     eager = {}
     for module in sorted(m for m in loaded if m.startswith("prunelab")):
         heavy = (_top_level_imports(module) & set(HEAVY)) - KNOWN_EAGER.get(module, set())
