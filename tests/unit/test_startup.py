@@ -137,6 +137,20 @@ def test_no_wandb_import_when_wandb_is_off(tmp_path):
     assert not (tmp_path / "run" / "wandb").exists()
 
 
+def test_fewer_full_collections_while_the_framework_is_imported():
+    import gc
+
+    before = gc.get_threshold()
+    with startup.fewer_full_collections():
+        inside = gc.get_threshold()
+        assert gc.isenabled()
+    assert gc.get_threshold() == before
+    assert inside[:2] == before[:2] and inside[2] >= startup.IMPORT_GC_THRESHOLD2
+    with pytest.raises(RuntimeError), startup.fewer_full_collections():
+        raise RuntimeError
+    assert gc.get_threshold() == before
+
+
 def test_marks_are_off_without_the_variable(tmp_path, monkeypatch):
     monkeypatch.delenv(startup.MARK_ENV, raising=False)
     startup.mark("imports")  # no file named: nothing happens
