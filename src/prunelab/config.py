@@ -54,11 +54,18 @@ def _package(path: Path) -> str | None:
     return None
 
 
-def _root_groups(conf_dir: Path, config_name: str = "train") -> list[str]:
-    """The config groups named in a root config's defaults list."""
+def _read_yaml(path: Path) -> Any:
+    """The content of a yaml file, parsed safely, with libyaml when PyYAML has it (about five
+    times faster than the pure-Python parser; same result)."""
     import yaml
 
-    root = yaml.safe_load((conf_dir / f"{config_name}.yaml").read_text()) or {}
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+    return yaml.load(path.read_text(), Loader=loader)
+
+
+def _root_groups(conf_dir: Path, config_name: str = "train") -> list[str]:
+    """The config groups named in a root config's defaults list."""
+    root = _read_yaml(conf_dir / f"{config_name}.yaml") or {}
     groups = []
     for entry in root.get("defaults", []):
         if isinstance(entry, dict):
@@ -77,17 +84,15 @@ def known_keys(conf_dir: Path = CONF_DIR) -> frozenset[str]:
     its own top-level keys. Read from the config folder, so new keys and groups need no
     change here.
     """
-    import yaml
-
     keys = set(_HYDRA_KEYS)
-    root = yaml.safe_load((conf_dir / "train.yaml").read_text()) or {}
+    root = _read_yaml(conf_dir / "train.yaml") or {}
     keys.update(str(k) for k in root if k != "defaults")
     for group in _root_groups(conf_dir):
         folder = conf_dir / group
         for path in sorted(folder.glob("*.yaml")) if folder.is_dir() else []:
             package = _package(path) or group
             if package == "_global_":
-                content = yaml.safe_load(path.read_text()) or {}
+                content = _read_yaml(path) or {}
                 keys.update(str(k) for k in content if k != "defaults")
             else:
                 keys.add(package.removeprefix("_global_.").replace("_group_", group).split(".")[0])
@@ -520,7 +525,7 @@ def _may_enforce_tags(argv: list[str], conf_dir: Path, config_name: str) -> bool
             return True
     root = conf_dir / f"{config_name}.yaml"
     try:
-        content = yaml.safe_load(root.read_text()) or {}
+        content = _read_yaml(root) or {}
         extras = content.get("extras") or {}
         # Other configs at the top (roots such as eval.yaml) count only if the root includes them.
         included = {str(e) for e in content.get("defaults") or [] if not isinstance(e, dict)}

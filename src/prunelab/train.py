@@ -518,9 +518,10 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> dict[str, Any]:
 
     Raises ConfigError (one line) for any mistake found before training starts.
     """
-    import pytorch_lightning as pl
+    with startup.fewer_full_collections():
+        import pytorch_lightning as pl
 
-    from prunelab.tracking.extras import apply_extras
+        from prunelab.tracking.extras import apply_extras
 
     _skip_unloadable_nvml()
     startup.mark("framework")

@@ -116,7 +116,10 @@ def test_the_default_run_imports_nothing_heavy_of_its_own(tmp_path):
     imports an unused heavy package at module level, and no ONNX or pandas at all.
     (torchmetrics, imported by Lightning, still imports torchvision and matplotlib itself.)"""
     loaded, marks = _to_first_step(tmp_path)
-    assert not loaded & {"onnx", "onnxruntime", "pandas", "optuna"}
+    assert not loaded & {"onnx", "onnxruntime", "pandas", "optuna", "torch_pruning"}
+    # Only the method the run builds (pruning=dense), and the base every method shares.
+    methods = {m for m in loaded if m.startswith("prunelab.methods.")}
+    assert methods == {"prunelab.methods.base", "prunelab.methods.dense"}
     eager = {}
     for module in sorted(m for m in loaded if m.startswith("prunelab")):
         heavy = (_top_level_imports(module) & set(HEAVY)) - KNOWN_EAGER.get(module, set())
@@ -132,6 +135,20 @@ def test_no_wandb_import_when_wandb_is_off(tmp_path):
     assert "first_step" in marks
     assert "wandb" not in loaded
     assert not (tmp_path / "run" / "wandb").exists()
+
+
+def test_fewer_full_collections_while_the_framework_is_imported():
+    import gc
+
+    before = gc.get_threshold()
+    with startup.fewer_full_collections():
+        inside = gc.get_threshold()
+        assert gc.isenabled()
+    assert gc.get_threshold() == before
+    assert inside[:2] == before[:2] and inside[2] >= startup.IMPORT_GC_THRESHOLD2
+    with pytest.raises(RuntimeError), startup.fewer_full_collections():
+        raise RuntimeError
+    assert gc.get_threshold() == before
 
 
 def test_marks_are_off_without_the_variable(tmp_path, monkeypatch):

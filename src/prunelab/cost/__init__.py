@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -48,7 +48,9 @@ from prunelab.cost.training import (
 )
 from prunelab.errors import ConfigError
 from prunelab.models import prunable_parameters
-from prunelab.structured import CompactionReport, compact_with_blocks
+
+if TYPE_CHECKING:
+    from prunelab.structured import CompactionReport
 
 log = logging.getLogger(__name__)
 
@@ -225,6 +227,9 @@ def structured_compaction(
         bool((~m.reshape(m.shape[0], -1).any(dim=1)).any()) for m in masks.values() if m.dim()
     ):
         return None
+    # Imported here: it needs Torch-Pruning, and most masks prune no whole row.
+    from prunelab.structured import compact_with_blocks
+
     try:
         with torch.random.fork_rng(devices=[]):
             net, compaction = compact_with_blocks(model, masks, input_shape)

@@ -2,56 +2,68 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from prunelab.errors import ConfigError
-from prunelab.methods.adaptive import AdaptiveMagnitude
+from prunelab.lazy import LazyClasses, lazy_attributes
 from prunelab.methods.base import MagnitudePruning, PruneAndGrow, PruningMethod
-from prunelab.methods.block import BlockPruning
-from prunelab.methods.dense import Dense
-from prunelab.methods.dns import DynamicNetworkSurgery
-from prunelab.methods.gmp import GradualMagnitude
-from prunelab.methods.grasp import GraSP
-from prunelab.methods.han import HanPruning
-from prunelab.methods.imp import IterativeMagnitude
-from prunelab.methods.l0 import L0Regularization
-from prunelab.methods.l1 import L1Penalty
-from prunelab.methods.random import RandomStatic
-from prunelab.methods.rigl import RigL
-from prunelab.methods.set import SET
-from prunelab.methods.snfs import SNFS
-from prunelab.methods.snip import SNIP
-from prunelab.methods.static import StaticMagnitude
-from prunelab.methods.structured import (
-    NeuronSensitivity,
-    StructuredL1,
-    StructuredPruning,
-    TaylorPruning,
-)
-from prunelab.methods.synflow import SynFlow
 
-METHODS: dict[str, type[PruningMethod]] = {
-    "dense": Dense,
-    "static": StaticMagnitude,
-    "random": RandomStatic,
-    "snip": SNIP,
-    "grasp": GraSP,
-    "synflow": SynFlow,
-    "gmp": GradualMagnitude,
-    "l1": L1Penalty,
-    "l0": L0Regularization,
-    "han": HanPruning,
-    "imp": IterativeMagnitude,
-    "adaptive": AdaptiveMagnitude,
-    "dns": DynamicNetworkSurgery,
-    "set": SET,
-    "rigl": RigL,
-    "snfs": SNFS,
-    "structured_l1": StructuredL1,
-    "neuron_sensitivity": NeuronSensitivity,
-    "taylor": TaylorPruning,
-    "block": BlockPruning,
+# Each method's module is imported on first use (``prunelab.methods.RigL``, ``METHODS["rigl"]``),
+# so that a run imports the one method it builds, not all of them (the structured methods
+# import torch_pruning).
+_LAZY = {
+    "AdaptiveMagnitude": "prunelab.methods.adaptive",
+    "BlockPruning": "prunelab.methods.block",
+    "Dense": "prunelab.methods.dense",
+    "DynamicNetworkSurgery": "prunelab.methods.dns",
+    "GradualMagnitude": "prunelab.methods.gmp",
+    "GraSP": "prunelab.methods.grasp",
+    "HanPruning": "prunelab.methods.han",
+    "IterativeMagnitude": "prunelab.methods.imp",
+    "L0Regularization": "prunelab.methods.l0",
+    "L1Penalty": "prunelab.methods.l1",
+    "RandomStatic": "prunelab.methods.random",
+    "RigL": "prunelab.methods.rigl",
+    "SET": "prunelab.methods.set",
+    "SNFS": "prunelab.methods.snfs",
+    "SNIP": "prunelab.methods.snip",
+    "StaticMagnitude": "prunelab.methods.static",
+    "NeuronSensitivity": "prunelab.methods.structured",
+    "StructuredL1": "prunelab.methods.structured",
+    "StructuredPruning": "prunelab.methods.structured",
+    "TaylorPruning": "prunelab.methods.structured",
+    "SynFlow": "prunelab.methods.synflow",
 }
+
+__getattr__, __dir__ = lazy_attributes(__name__, _LAZY, globals())
+
+#: ``pruning.name`` -> method class.
+METHODS: Mapping[str, type[PruningMethod]] = LazyClasses(
+    __name__,
+    {
+        "dense": "Dense",
+        "static": "StaticMagnitude",
+        "random": "RandomStatic",
+        "snip": "SNIP",
+        "grasp": "GraSP",
+        "synflow": "SynFlow",
+        "gmp": "GradualMagnitude",
+        "l1": "L1Penalty",
+        "l0": "L0Regularization",
+        "han": "HanPruning",
+        "imp": "IterativeMagnitude",
+        "adaptive": "AdaptiveMagnitude",
+        "dns": "DynamicNetworkSurgery",
+        "set": "SET",
+        "rigl": "RigL",
+        "snfs": "SNFS",
+        "structured_l1": "StructuredL1",
+        "neuron_sensitivity": "NeuronSensitivity",
+        "taylor": "TaylorPruning",
+        "block": "BlockPruning",
+    },
+)
 
 
 def build_method(

@@ -162,17 +162,16 @@ def code_version(where: str | Path | None = None) -> dict[str, Any]:
     """
     unknown: dict[str, Any] = {"commit": None, "dirty": None, "diff_sha": None}
     start = Path(where) if where is not None else Path(__file__).resolve().parent
-    top_out = _git(["rev-parse", "--show-toplevel"], start)
-    if top_out is None:
+    # One git call for both: the checkout's top folder and its HEAD commit.
+    out = _git(["rev-parse", "--show-toplevel", "HEAD"], start)
+    lines = out.decode(errors="replace").splitlines() if out is not None else []
+    if len(lines) != 2:
         return unknown
-    top = Path(top_out.decode(errors="replace").strip())
-    head = _git(["rev-parse", "HEAD"], top)
-    if head is None:
-        return unknown
+    top, head = Path(lines[0].strip()), lines[1].strip()
     changes = _changes(top)
     dirty = None if changes is None else bool(changes)
     diff_sha = _diff_sha(top) if dirty else None
-    return {"commit": head.decode().strip(), "dirty": dirty, "diff_sha": diff_sha}
+    return {"commit": head, "dirty": dirty, "diff_sha": diff_sha}
 
 
 def same_code(made_by: dict[str, Any] | None, current: dict[str, Any] | None) -> bool:
