@@ -351,6 +351,12 @@ def check_callbacks(cfg: DictConfig) -> None:
         )
 
 
+# pruning.<key> that a sub-run's record adds to its parent's config: IMP's level, the
+# adaptive search's step (None for its dense stage).
+SUB_RUN_KEYS = ("level", "step")
+SUB_RUN_METHODS = ("imp", "adaptive")
+
+
 def pruning_method(cfg: DictConfig):
     """The pruning method a composed config asks for (raises ConfigError on a mismatch)."""
     from prunelab.methods import build_method
@@ -359,6 +365,16 @@ def pruning_method(cfg: DictConfig):
     name = pruning.pop("name", None)
     if name is None:
         raise ConfigError("pruning.name is missing; choose a method, e.g. pruning=dynamic")
+    # The record of a sub-run (an IMP level, an adaptive search point) names its place in the
+    # parent run under pruning; rebuilt from such a record (eval.py, scripts/sensitivity.py),
+    # the method takes the parent's settings and the weights and masks come from the
+    # sub-run's checkpoint.
+    sub_run = str(name) in SUB_RUN_METHODS and any(key in pruning for key in SUB_RUN_KEYS)
+    if sub_run:
+        # The level plan and branches are the parent's (a level need not end the plan; its
+        # record names its own branch, e.g. "lottery").
+        for key in (*SUB_RUN_KEYS, "levels", "level_sparsities", "branch", "branch_levels"):
+            pruning.pop(key, None)
     method = build_method(
         str(name),
         float(cfg.sparsity),
@@ -366,7 +382,7 @@ def pruning_method(cfg: DictConfig):
         schedule=OmegaConf.to_container(cfg.get("schedule") or {}, resolve=True),
         **pruning,
     )
-    if not method.is_dense and float(cfg.sparsity) == 0.0:
+    if not method.is_dense and float(cfg.sparsity) == 0.0 and not sub_run:
         raise ConfigError(
             f"pruning={name} needs sparsity > 0; e.g. sparsity=0.9 (or pruning=dense)"
         )

@@ -85,6 +85,25 @@ def _run_of(ckpt: Path) -> Path:
     )
 
 
+def _chosen_sub_run(run: Path) -> Path:
+    """An adaptive run keeps its model in the sub-run it chose (``<run>/search/<point>``);
+    an IMP run in its levels. Other runs are their own."""
+    record = read_record(run) or {}
+    chosen = (record.get("adaptive") or {}).get("chosen")
+    if chosen and chosen.get("run_dir"):
+        sub = files.adaptive_dir(run) / Path(chosen["run_dir"]).name
+        check_run(sub)
+        log.info("adaptive run: evaluating its chosen point %s", sub)
+        return sub
+    levels = files.imp_levels_dir(run)
+    if levels.is_dir() and not files.checkpoint_dir(run).is_dir():
+        raise ConfigError(
+            f"{run} is an IMP run; its models are its levels: pass one, e.g. "
+            f"python eval.py {files.imp_level_dir(run, 1)}"
+        )
+    return run
+
+
 def resolve_checkpoint(
     ckpt_path: str | Path | None = None,
     run_dir: str | Path | None = None,
@@ -116,6 +135,7 @@ def resolve_checkpoint(
         return run, ckpt, names[ckpt.name] if own and ckpt.name in names else ckpt.name
     run = Path(ckpt_path if ckpt_path is not None else run_dir)
     check_run(run)
+    run = _chosen_sub_run(run)
     name = files.LAST_CHECKPOINT if checkpoint == "last" else files.BEST_CHECKPOINT
     ckpt = files.checkpoint_dir(run) / name
     if not ckpt.is_file():

@@ -13,6 +13,7 @@ import pytest
 
 from prunelab import files
 from prunelab.errors import ConfigError
+from prunelab.evaluate import load_run, resolve_checkpoint
 from prunelab.methods.adaptive import BudgetNotMet
 from prunelab.report.records import find_records
 from prunelab.train import train
@@ -55,6 +56,15 @@ def test_macs_budget_picks_the_lowest_sparsity_under_it(compose_cfg, tmp_path):
     ]  # fmt: skip
     assert files.last_checkpoint(files.adaptive_point_dir(run_dir, None)).exists()
     assert len(find_records([run_dir])) == 4
+    # eval.py and scripts/sensitivity.py reload any stage, and the run itself as its choice.
+    for stage in (files.adaptive_point_dir(run_dir, None), run_dir):
+        folder, ckpt, _ = resolve_checkpoint(run_dir=stage)
+        loaded = load_run(folder, ckpt_path=ckpt)
+        expected = 0.0 if stage != run_dir else chosen["sparsity"]
+        assert loaded["masks"].sparsity() == pytest.approx(expected, abs=1e-3)
+        assert folder == (
+            stage if stage != run_dir else files.adaptive_dir(run_dir) / "step_03_s0.9293"
+        )
 
 
 def test_accuracy_budget_reports_chosen_tried_and_why(compose_cfg, tmp_path):

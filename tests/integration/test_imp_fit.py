@@ -12,6 +12,7 @@ import torch
 
 from prunelab import files
 from prunelab.errors import ConfigError
+from prunelab.evaluate import load_run, resolve_checkpoint
 from prunelab.report.records import find_records
 from prunelab.sparsity.masks import Masks
 from prunelab.train import train
@@ -52,6 +53,13 @@ def test_imp_trains_every_level_as_a_sub_run(compose_cfg, tmp_path):
     assert level2["sparsity"]["target"] == pytest.approx(0.5, abs=1e-3)
     assert level2["config"]["sparsity"] == 0.5 and level2["imp"]["level"] == 2
     assert level2["choices"]["pruning"] == "imp"
+    # eval.py reloads a level and a branch (their records name the level and branch); the
+    # IMP run itself points to its levels.
+    for sub in (files.imp_level_dir(run_dir, 2), files.imp_level_dir(run_dir, 1, "random")):
+        folder, ckpt, _ = resolve_checkpoint(run_dir=sub)
+        assert load_run(folder, ckpt_path=ckpt)["masks"].sparsity() > 0
+    with pytest.raises(ConfigError, match="its models are its levels"):
+        resolve_checkpoint(run_dir=run_dir)
     # Nested masks; overlap with the previous level recorded.
     m0, m1, m2 = (_masks(files.imp_level_dir(run_dir, i)) for i in range(3))
     assert m0.sparsity() == 0.0
