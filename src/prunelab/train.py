@@ -6,6 +6,7 @@ hands over to Hydra, which calls :func:`train` with the composed config once per
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
@@ -148,6 +149,9 @@ def build(cfg: DictConfig) -> dict[str, Any]:
         num_classes=datamodule.num_classes,
     )
     method = pruning_method(cfg)
+    check_model = getattr(method, "check_model", None)
+    if check_model is not None:  # a method that needs a kind of layer (fbs: convolutions)
+        check_model(model)
     prunable = prunable_parameters(model)
     engine = SparsityEngine(model, prunable, method, seed=int(cfg.seed))
     scheduler_cfg = cfg.lr_scheduler.get("scheduler") if cfg.get("lr_scheduler") else None
@@ -361,22 +365,38 @@ def _cost(cfg: DictConfig, built: dict[str, Any], trainer: Any) -> dict[str, Any
     samples = int(cfg.dataset.batch_size) * int(trainer.world_size) * int(accumulate)
     drop = getattr(method, "drop_schedule", None)
     model.eval()
-    report = cost_report(
-        model,
-        engine.masks,
-        tuple(built["datamodule"].input_shape),
-        history=engine.history,
-        total_steps=int(trainer.global_step),
-        samples_per_step=samples,
-        method_name=method.name,
-        update_every=drop.update_every if drop is not None else None,
-        measure_latency=latency is not False,
-        latency_mode="full" if latency == "full" else "quick",
-        latency_batch_sizes=tuple(settings.get("latency_batch_sizes", (1, 256))),
-        latency_repeats=int(settings.get("latency_repeats", 15)),
-        latency_under_load=_latency_under_load(),
-        dense_flops=built.get("dense_flops"),
-    )
+    # Input-adaptive methods (fbs): the static figures are the plain model's (gates unhooked);
+    # what the gated model spends per input is measured on the test split below.
+    dynamic = getattr(method, "dynamic_cost", None)
+    plain = method.gates.removed() if dynamic is not None else contextlib.nullcontext()
+    with plain:
+        report = cost_report(
+            model,
+            engine.masks,
+            tuple(built["datamodule"].input_shape),
+            history=engine.history,
+            total_steps=int(trainer.global_step),
+            samples_per_step=samples,
+            # fbs trains the gated model computing every channel: the dense accounting
+            method_name="dense" if dynamic is not None else method.name,
+            update_every=drop.update_every if drop is not None else None,
+            measure_latency=latency is not False,
+            latency_mode="full" if latency == "full" else "quick",
+            latency_batch_sizes=tuple(settings.get("latency_batch_sizes", (1, 256))),
+            latency_repeats=int(settings.get("latency_repeats", 15)),
+            latency_under_load=_latency_under_load(),
+            dense_flops=built.get("dense_flops"),
+        )
+    if dynamic is not None:
+        datamodule = built["datamodule"]
+        report.update(
+            dynamic(
+                model,
+                tuple(datamodule.input_shape),
+                datamodule.test_dataloader(),
+                measure_latency=latency is not False,
+            )
+        )
     return {k: v for k, v in report.items() if v is not None}
 
 

@@ -165,6 +165,7 @@ GOOD_SCHEDULES = {
     "neuron_sensitivity": {"kind": "one_shot", "at": 0.5, "at_epoch": None},
     "taylor": {"kind": "polynomial", "begin": 0.0, "end": 0.75, "frequency": 100, "power": 3},
     "block": {"kind": "one_shot", "at": 0.5, "at_epoch": None},
+    "fbs": {"kind": "fixed"},
 }
 # Distributions other than ERK for the methods that take only some.
 GOOD_DISTRIBUTIONS = {

@@ -7,7 +7,9 @@ Pure torch (no Lightning, no Hydra). One module per concern:
 - :mod:`.size` — parameter counts, compression ratio, bytes in dense/CSR/bitmask/int8 formats;
 - :mod:`.latency` — measured latency and peak memory of dense/masked/sparse/compact models;
 - :mod:`.energy` — an energy estimate from Horowitz (2014)'s 45 nm table;
-- :mod:`.export` — state dict, compact sparse checkpoint, ONNX.
+- :mod:`.export` — state dict, compact sparse checkpoint, ONNX;
+- :func:`dynamic_cost_report` (:mod:`prunelab.dynamic.report`) — what an input-adaptive
+  (gated) model spends per input, and its measured batch-1 dynamic-execution latency.
 
 :func:`cost_report` gathers them into one flat dict for the results record and W&B.
 """
@@ -46,6 +48,7 @@ from prunelab.cost.training import (
     training_flops,
     training_flops_x_dense,
 )
+from prunelab.dynamic.report import dynamic_cost_report
 from prunelab.errors import ConfigError
 from prunelab.models import prunable_parameters
 
@@ -251,6 +254,7 @@ __all__ = [
     "dense_copy",
     "dense_training_flops",
     "densities_of",
+    "dynamic_cost_report",
     "energy_report",
     "export_all",
     "inference_report",

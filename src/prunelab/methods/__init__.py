@@ -17,6 +17,7 @@ _LAZY = {
     "BlockPruning": "prunelab.methods.block",
     "Dense": "prunelab.methods.dense",
     "DynamicNetworkSurgery": "prunelab.methods.dns",
+    "FeatureBoostingSuppression": "prunelab.methods.fbs",
     "GradualMagnitude": "prunelab.methods.gmp",
     "GraSP": "prunelab.methods.grasp",
     "HanPruning": "prunelab.methods.han",
@@ -62,6 +63,7 @@ METHODS: Mapping[str, type[PruningMethod]] = LazyClasses(
         "neuron_sensitivity": "NeuronSensitivity",
         "taylor": "TaylorPruning",
         "block": "BlockPruning",
+        "fbs": "FeatureBoostingSuppression",
     },
 )
 
@@ -91,6 +93,7 @@ __all__ = [
     "BlockPruning",
     "Dense",
     "DynamicNetworkSurgery",
+    "FeatureBoostingSuppression",
     "GraSP",
     "GradualMagnitude",
     "HanPruning",
