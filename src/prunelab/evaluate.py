@@ -104,6 +104,17 @@ def _chosen_sub_run(run: Path) -> Path:
     return run
 
 
+def _check_static(run: Path) -> None:
+    """Exports and reloads hold one fixed model; an input-adaptive run (fbs) computes other
+    channels for every input, so its figures come from its record and its own script."""
+    record = read_record(run) or {}
+    if (record.get("choices") or {}).get("pruning") == "fbs":
+        raise ConfigError(
+            f"{run} is an input-adaptive (pruning=fbs) run: its per-input MACs and dynamic "
+            f"latency are in its {files.RESULTS}; re-time it with scripts/fbs_table.py --retime <folder>"
+        )
+
+
 def resolve_checkpoint(
     ckpt_path: str | Path | None = None,
     run_dir: str | Path | None = None,
@@ -136,6 +147,7 @@ def resolve_checkpoint(
     run = Path(ckpt_path if ckpt_path is not None else run_dir)
     check_run(run)
     run = _chosen_sub_run(run)
+    _check_static(run)
     name = files.LAST_CHECKPOINT if checkpoint == "last" else files.BEST_CHECKPOINT
     ckpt = files.checkpoint_dir(run) / name
     if not ckpt.is_file():

@@ -105,6 +105,12 @@ def test_fbs_mnist1d_cnn_fit_and_penalty(compose_cfg):
     record = train(compose_cfg("model=mnist1d_cnn", "pruning=fbs", "sparsity=0.6", *COST))
     assert record["status"] == "completed"
     assert record["cost"]["macs_dynamic_mean"] < record["cost"]["macs_dynamic_dense"]
+    # eval.py exports fixed models: it refuses an input-adaptive run in one line.
+    from prunelab.errors import ConfigError
+    from prunelab.evaluate import resolve_checkpoint
+
+    with pytest.raises(ConfigError, match="input-adaptive"):
+        resolve_checkpoint(run_dir=record["run_dir"])
 
 
 @pytest.mark.parametrize(

@@ -110,3 +110,25 @@ def test_progress_bar_redraws_at_most_twice_a_second_and_at_the_last_batch(monke
     for i in range(6):
         bar.on_train_batch_end(trainer, None, None, None, i)
     assert drawn == [0, 3, 5]  # the first, then 0.5 s later, and the last batch
+
+
+def test_summary_shows_what_an_input_adaptive_run_spends_per_input():
+    from prunelab.tracking.summary import _cost_rows
+
+    cost = {
+        "flops_infer_sparse": 2e6,
+        "bytes_csr": 2048,
+        "bytes_dense_fp32": 1024,
+        "macs_dynamic_mean": 250_000,
+        "macs_dynamic_x_dense": 4.0,
+        "macs_dynamic_p50": 240_000,
+        "macs_dynamic_p99": 400_000,
+        "latency_ms/dynamic/b1": 0.5,
+        "latency_ms/dense_plain/b1": 1.0,
+        "dynamic_speedup_b1": 2.0,
+    }
+    rows = dict(_cost_rows(cost))
+    assert rows["dynamic execution"] == (
+        "250,000 MACs / input on average (4.00x fewer than dense; p50 240,000, p99 400,000)"
+    )
+    assert rows["dynamic latency b1"] == "0.500 ms vs 1.000 ms dense (2.00x)"

@@ -48,6 +48,22 @@ def _cost_rows(cost: dict[str, Any]) -> list[tuple[str, str]]:
                 f"{cost['flops_train']:.3g} ({cost['flops_train_x_dense']:.2f}x dense)",
             )
         )
+    if "macs_dynamic_mean" in cost:  # input-adaptive (fbs): what inputs really spend
+        text = (
+            f"{_count(cost['macs_dynamic_mean'])} MACs / input on average "
+            f"({cost['macs_dynamic_x_dense']:.2f}x fewer than dense; p50 "
+            f"{_count(cost['macs_dynamic_p50'])}, p99 {_count(cost['macs_dynamic_p99'])})"
+        )
+        rows.append(("dynamic execution", text))
+        if cost.get("dynamic_speedup_b1") is not None:
+            rows.append(
+                (
+                    "dynamic latency b1",
+                    f"{cost['latency_ms/dynamic/b1']:.3f} ms vs "
+                    f"{cost['latency_ms/dense_plain/b1']:.3f} ms dense "
+                    f"({cost['dynamic_speedup_b1']:.2f}x)",
+                )
+            )
     dense, sparse = cost.get("latency_ms/dense/b256"), cost.get("latency_ms/sparse/b256")
     if dense is not None and sparse is not None:
         value = f"{sparse:.3f} ms sparse vs {dense:.3f} ms dense{_latency_note(cost)}"
