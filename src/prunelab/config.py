@@ -194,13 +194,15 @@ def optimized_metrics(cfg: DictConfig) -> list[str]:
         "flops_train, flops_train_x_dense, flops_infer_sparse, macs_infer_sparse, "
         "macs_prunable_sparse, params_nonzero, params_prunable_nonzero, bytes_csr, bytes_bitmask, "
         "bytes_int8_sparse, energy_uj_estimate_sparse, density_prunable, compression_ratio, "
-        "theoretical_speedup, latency_ms/<dense|masked|sparse|compact>/b<batch>"
+        "theoretical_speedup, latency_ms/<dense|masked|sparse|compact>/b<batch>; pruning=fbs: "
+        "macs_dynamic_<mean|p50|p90|p99|max>, dynamic_speedup_b1"
     )
     pattern = re.compile(
         r"flops_train(_dense|_x_dense)?|(flops|macs)_infer_(dense|sparse)|macs_prunable_(dense|sparse)"
         r"|params_(total|nonzero|prunable|prunable_nonzero)|bytes_(dense_fp32|csr|bitmask|int8_sparse)"
         r"|energy_uj_estimate_(dense|sparse)(_compute|_weights|_activations)?|energy_ratio_estimate"
         r"|density_prunable|compression_ratio|theoretical_speedup"
+        r"|macs_dynamic_(mean|p50|p90|p99|max)|dynamic_speedup_b1"
         r"|(latency_ms|peak_tensor_alloc_mb|peak_cuda_alloc_mb)/(dense|masked|sparse|compact)/b(\d+)"
     )
     settings = cfg.get("cost") or {}
@@ -212,6 +214,10 @@ def optimized_metrics(cfg: DictConfig) -> list[str]:
             )
         if not settings.get("enabled", True):
             raise ConfigError(f"optimized_metric '{name}' needs cost.enabled=true")
+        if "dynamic" in name and OmegaConf.select(cfg, "pruning.name") != "fbs":
+            raise ConfigError(
+                f"optimized_metric '{name}' is measured only for input-adaptive runs (pruning=fbs)"
+            )
         batch = match.group(match.re.groups)
         if batch is not None and not settings.get("latency", True):
             raise ConfigError(f"optimized_metric '{name}' is measured only with cost.latency=true")
@@ -382,7 +388,8 @@ def pruning_method(cfg: DictConfig):
         schedule=OmegaConf.to_container(cfg.get("schedule") or {}, resolve=True),
         **pruning,
     )
-    if not method.is_dense and float(cfg.sparsity) == 0.0 and not sub_run:
+    boost_only = getattr(method, "allows_zero_sparsity", False)  # fbs at density 1
+    if not method.is_dense and float(cfg.sparsity) == 0.0 and not sub_run and not boost_only:
         raise ConfigError(
             f"pruning={name} needs sparsity > 0; e.g. sparsity=0.9 (or pruning=dense)"
         )

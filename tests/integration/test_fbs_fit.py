@@ -106,7 +106,6 @@ def test_fbs_mnist1d_cnn_fit_and_penalty(compose_cfg):
     assert record["status"] == "completed"
     assert record["cost"]["macs_dynamic_mean"] < record["cost"]["macs_dynamic_dense"]
     # eval.py exports fixed models: it refuses an input-adaptive run in one line.
-    from prunelab.errors import ConfigError
     from prunelab.evaluate import resolve_checkpoint
 
     with pytest.raises(ConfigError, match="input-adaptive"):
@@ -152,3 +151,12 @@ def test_cli_fbs_on_a_model_without_convolutions_exits_2(tmp_path):
     assert not list(tmp_path.rglob("*.ckpt"))
     for path in tmp_path.rglob(files.RESULTS):
         assert json.loads(path.read_text())["status"] == "failed"
+
+
+def test_density_one_is_boosting_without_suppression(compose_cfg):
+    from prunelab.config import pruning_method
+
+    method = pruning_method(compose_cfg("model=mnist1d_cnn", "pruning=fbs", "sparsity=0"))
+    assert method.density == 1.0
+    with pytest.raises(ConfigError, match="needs sparsity > 0"):
+        pruning_method(compose_cfg("pruning=static", "sparsity=0"))

@@ -145,6 +145,15 @@ def test_the_pareto_search_optimises_accuracy_and_training_flops(compose_cfg):
         ),
         (("optimized_metric=[val/acc_best,cost/latency_ms/masked/b256]",), None),
         (("optimized_metric=[val/acc_best,cost/energy_uj_estimate_sparse_weights]",), None),
+        (
+            (
+                "model=mnist1d_cnn",
+                "pruning=fbs",
+                "sparsity=0.5",
+                "optimized_metric=[val/acc_best,cost/macs_dynamic_mean]",
+            ),
+            ["val/acc_best", "cost/macs_dynamic_mean"],
+        ),
     ],
 )
 def test_valid_optimized_metrics(compose_cfg, overrides, expected):
@@ -170,6 +179,10 @@ def test_valid_optimized_metrics(compose_cfg, overrides, expected):
             "cost.enabled",
         ),
         (("optimized_metric=[val/acc_best,val/acc_best]",), "twice"),
+        (
+            ("optimized_metric=[val/acc_best,cost/macs_dynamic_p99]",),
+            "only for input-adaptive runs",
+        ),
         (("optimized_metric=[]",), "a name or a list of names"),
         (("optimized_metric=[val/acc_best,3]",), "a name or a list of names"),
         (("hparams_search=pareto_optuna", "optimized_metric=val/acc_best"), "has 2"),

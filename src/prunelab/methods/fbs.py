@@ -75,6 +75,9 @@ class FeatureBoostingSuppression(PruningMethod):
 
     name = "fbs"
     schedule_kinds = ("fixed",)
+    # sparsity=0 (density 1) is boosting without suppression: every channel computed, each
+    # scaled by its saliency.
+    allows_zero_sparsity = True
 
     def __init__(
         self,
