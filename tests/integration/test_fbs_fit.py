@@ -160,3 +160,41 @@ def test_density_one_is_boosting_without_suppression(compose_cfg):
     assert method.density == 1.0
     with pytest.raises(ConfigError, match="needs sparsity > 0"):
         pruning_method(compose_cfg("pruning=static", "sparsity=0"))
+
+
+def _calibrate_on_rank(rank: int, world: int, port: int, out: str) -> None:
+    """One rank of a two-process gloo group: calibrate threshold gates on this rank's own
+    random batches, then save the thresholds."""
+    import torch.distributed as dist
+
+    from prunelab.dynamic import FBSGates, gate_points
+    from prunelab.models import Conv4
+
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
+    )
+    try:
+        torch.manual_seed(0)  # the same model and gates on every rank
+        model = Conv4((1, 28, 28), 10)
+        gates = FBSGates(gate_points(model), dict(model.named_modules()), 0.5, "threshold")
+        torch.manual_seed(100 + rank)  # each rank its own data
+        model.train()
+        with torch.no_grad():
+            for _ in range(3):
+                model(torch.randn(8, 1, 28, 28))
+        torch.save(gates.thresholds.clone(), f"{out}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_threshold_calibration_agrees_across_ddp_ranks(tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_calibrate_on_rank, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    a, b = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
+    assert torch.equal(a, b) and bool((a != 0).all())

@@ -184,6 +184,11 @@ class FBSGates(nn.Module):
     def _calibrate(self, index: int, g: torch.Tensor, k: int) -> None:
         # The (k+1)-th largest saliency of each input: ``g > it`` keeps k channels.
         below = torch.topk(g, k + 1, dim=1).values[:, -1].mean()
+        # Under data parallelism every rank sees its own shard: the ranks average their
+        # values, so all of them hold the same thresholds (and gate alike at evaluation).
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(below, op=torch.distributed.ReduceOp.SUM)
+            below = below / torch.distributed.get_world_size()
         if bool(self.calibrated[index]):
             value = self.decay * self.thresholds[index] + (1.0 - self.decay) * below
         else:
