@@ -37,6 +37,7 @@ from prunelab import files
 from prunelab.errors import ConfigError
 from prunelab.methods.adaptive import AdaptiveMagnitude, Budget, BudgetNotMet, check_budget
 from prunelab.sparsity.masks import Masks
+from prunelab.subruns import check_own_sub_runs, trained_state
 from prunelab.tracking.results import RunRecord, config_hash, read_record
 
 log = logging.getLogger(__name__)
@@ -90,27 +91,6 @@ def check_run(cfg: DictConfig, built: dict[str, Any]) -> Budget:
     return budget
 
 
-def _trained_weights(stage_dir: Path) -> dict[str, torch.Tensor]:
-    """The final model state (parameters and buffers) of a completed stage."""
-    ckpt = torch.load(files.last_checkpoint(stage_dir), map_location="cpu", weights_only=False)
-    return {k[len("model.") :]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
-
-
-def _check_folder(run_dir: Path, parent_hash: str) -> None:
-    """A run folder may hold stages of this adaptive run only (resume), never another's."""
-    folder = files.adaptive_dir(run_dir)
-    if not folder.is_dir():
-        return
-    for sub in sorted(folder.iterdir()):
-        record = read_record(sub)
-        found = ((record or {}).get("adaptive") or {}).get("parent_hash")
-        if record is not None and found != parent_hash:
-            raise ConfigError(
-                f"{run_dir} holds an adaptive search of another configuration ({sub.name}); "
-                "resume only with the same command, or choose a new folder"
-            )
-
-
 def _macs(lf: Any, mask: Masks | None, params: dict[str, torch.Tensor]) -> float:
     """Sparse inference MACs per sample of ``mask`` (None: dense), as the cost report
     counts them (``macs_infer_sparse``)."""
@@ -144,7 +124,7 @@ def run_adaptive(
     model, prunable, datamodule = built["model"], built["prunable"], built["datamodule"]
     budget = check_run(cfg, built)
     parent_hash = record.data["config_hash"]
-    _check_folder(run_dir, parent_hash)
+    check_own_sub_runs(files.adaptive_dir(run_dir), "adaptive", parent_hash, "an adaptive search")
     _check_cost_meter(cfg, built)
     if "dense_flops" not in built:  # cost.enabled=false: MACs are still needed
         with torch.random.fork_rng(devices=[]):
@@ -226,7 +206,7 @@ def run_adaptive(
             f"the dense stage ({dense.get('run_dir')}) logged no val/acc to compare against"
         )
     sub_runs.append(_line("dense", 0.0, dense))
-    trained = _trained_weights(files.adaptive_point_dir(run_dir, None))
+    trained, _ = trained_state(files.adaptive_point_dir(run_dir, None))
     search = method.search(budget, float(reference))
     results: dict[float, dict[str, Any]] = {}
     step = 0

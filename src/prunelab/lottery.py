@@ -30,6 +30,7 @@ from prunelab.errors import ConfigError
 from prunelab.methods.imp import IterativeMagnitude, Level, branch_mask, mask_overlap, rewind
 from prunelab.sparsity.engine import layer_generator
 from prunelab.sparsity.masks import Masks
+from prunelab.subruns import check_own_sub_runs, trained_state
 from prunelab.tracking.artifacts import Ref, artifact_name
 from prunelab.tracking.results import RunRecord, config_hash, read_record
 
@@ -73,31 +74,6 @@ def estimated_steps(cfg: DictConfig, datamodule: Any) -> int:
     return min(steps, max_steps) if max_steps > 0 else steps
 
 
-def _trained_state(level_dir: Path) -> tuple[dict[str, torch.Tensor], Masks]:
-    """The final model weights and masks of a completed sub-run, from its last checkpoint."""
-    ckpt = torch.load(files.last_checkpoint(level_dir), map_location="cpu", weights_only=False)
-    model = {k[len("model.") :]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
-    masks = Masks.from_state_dict(ckpt["sparsity_engine"]["masks"])
-    return model, masks
-
-
-def _check_folder(run_dir: Path, parent_hash: str) -> None:
-    """A run folder may hold levels of this IMP run only (resume), never another config's."""
-    levels = files.imp_levels_dir(run_dir)
-    if not levels.is_dir():
-        return
-    for sub in sorted(levels.iterdir()):
-        record = read_record(sub)
-        if record is None:
-            continue
-        found = (record.get("imp") or {}).get("parent_hash")
-        if found != parent_hash:
-            raise ConfigError(
-                f"{run_dir} holds IMP levels of another configuration ({sub.name}); resume only "
-                "with the same command, or choose a new folder (drop hydra.run.dir=...)"
-            )
-
-
 def run_imp(
     cfg: DictConfig,
     built: dict[str, Any],
@@ -122,7 +98,7 @@ def run_imp(
             "pruning=imp resumes by running the same command in the same folder "
             "(hydra.run.dir=<its folder>), not from ckpt_path; set ckpt_path=null"
         )
-    _check_folder(run_dir, parent_hash)
+    check_own_sub_runs(files.imp_levels_dir(run_dir), "imp", parent_hash, "IMP levels")
     _check_cost_meter(cfg, built)  # once, before any level trains; the levels reuse it
     estimate = estimated_steps(cfg, datamodule)
     k = method.rewind_step
@@ -249,7 +225,7 @@ def run_imp(
     saved = torch.load(rewind_path, map_location="cpu", weights_only=True)
     summary.append(_summary_line(plan[0], LOTTERY, level0))
     previous_dir = files.imp_level_dir(run_dir, 0)
-    trained, mask = _trained_state(previous_dir)
+    trained, mask = trained_state(previous_dir)
     for level in plan[1:]:
         new_mask = method.prune(level, trained, mask, seed)
         overlaps = {LOTTERY: {"overlap_previous": mask_overlap(new_mask, mask)}}
@@ -262,7 +238,7 @@ def run_imp(
             summary.append(
                 _summary_line(level, branch, sub_run(level, branch, branch_masks, weights))
             )
-        trained, mask = _trained_state(files.imp_level_dir(run_dir, level.index))
+        trained, mask = trained_state(files.imp_level_dir(run_dir, level.index))
     record.complete(
         metrics=next(x for x in reversed(summary) if x["branch"] == LOTTERY).get("metrics", {}),
         sparsity={"target": method.sparsity, "global": plan[-1].realised},
