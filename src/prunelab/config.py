@@ -175,6 +175,13 @@ def validate(cfg: DictConfig) -> None:
     optimized_metrics(cfg)
 
 
+def _input_adaptive(name: Any) -> bool:
+    """Whether ``pruning=<name>`` gates channels per input (its dynamic costs exist)."""
+    from prunelab.methods import METHODS
+
+    return name in METHODS and METHODS[name].input_adaptive
+
+
 def optimized_metrics(cfg: DictConfig) -> list[str]:
     """The names in ``optimized_metric``: none, one, or a list (a multi-objective sweep),
     checked before training. Each is a distinct non-empty string; ``cost/<key>`` (or
@@ -214,7 +221,7 @@ def optimized_metrics(cfg: DictConfig) -> list[str]:
             )
         if not settings.get("enabled", True):
             raise ConfigError(f"optimized_metric '{name}' needs cost.enabled=true")
-        if "dynamic" in name and OmegaConf.select(cfg, "pruning.name") != "fbs":
+        if "dynamic" in name and not _input_adaptive(OmegaConf.select(cfg, "pruning.name")):
             raise ConfigError(
                 f"optimized_metric '{name}' is measured only for input-adaptive runs (pruning=fbs)"
             )

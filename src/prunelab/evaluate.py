@@ -107,10 +107,13 @@ def _chosen_sub_run(run: Path) -> Path:
 def _check_static(run: Path) -> None:
     """Exports and reloads hold one fixed model; an input-adaptive run (fbs) computes other
     channels for every input, so its figures come from its record and its own script."""
+    from prunelab.methods import METHODS
+
     record = read_record(run) or {}
-    if (record.get("choices") or {}).get("pruning") == "fbs":
+    name = (record.get("choices") or {}).get("pruning")
+    if name in METHODS and METHODS[name].input_adaptive:
         raise ConfigError(
-            f"{run} is an input-adaptive (pruning=fbs) run: its per-input MACs and dynamic "
+            f"{run} is an input-adaptive (pruning={name}) run: its per-input MACs and dynamic "
             f"latency are in its {files.RESULTS}; re-time it with scripts/fbs_table.py --retime <folder>"
         )
 

@@ -129,6 +129,9 @@ class PruningMethod:
 
     name = "base"
     is_dense = False
+    # True: the model computes other channels for every input (fbs); its cost per input is
+    # measured on data (cost/macs_dynamic_*), and there is no one fixed model to export.
+    input_adaptive = False
     # Kinds of `schedule=` this method accepts (see conf/schedule/).
     schedule_kinds: tuple[str, ...] = ("fixed",)
 

@@ -78,6 +78,7 @@ class FeatureBoostingSuppression(PruningMethod):
     # sparsity=0 (density 1) is boosting without suppression: every channel computed, each
     # scaled by its saliency.
     allows_zero_sparsity = True
+    input_adaptive = True
 
     def __init__(
         self,
