@@ -137,18 +137,40 @@ def test_no_wandb_import_when_wandb_is_off(tmp_path):
     assert not (tmp_path / "run" / "wandb").exists()
 
 
-def test_fewer_full_collections_while_the_framework_is_imported():
+def test_framework_import_runs_without_the_collector_and_freezes_what_it_imported():
+    code = (
+        "import gc, sys; sys.path.insert(0, sys.argv[1]);"
+        "from prunelab.tracking import startup;"
+        "frozen = gc.get_freeze_count();"
+        "ctx = startup.framework_import();"
+        "ctx.__enter__(); off = not gc.isenabled();"
+        "import pytorch_lightning;"
+        "ctx.__exit__(None, None, None);"
+        "print(off, gc.isenabled(), frozen, gc.get_freeze_count())"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(ROOT / "src")],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    off, on_after, frozen_before, frozen_after = out
+    assert off == "True" and on_after == "True"
+    assert int(frozen_after) > int(frozen_before) + 100_000  # the framework's objects
+
+
+def test_framework_import_changes_nothing_once_the_framework_is_imported():
     import gc
 
-    before = gc.get_threshold()
-    with startup.fewer_full_collections():
-        inside = gc.get_threshold()
+    import pytorch_lightning  # noqa: F401
+
+    frozen = gc.get_freeze_count()
+    with startup.framework_import():
         assert gc.isenabled()
-    assert gc.get_threshold() == before
-    assert inside[:2] == before[:2] and inside[2] >= startup.IMPORT_GC_THRESHOLD2
-    with pytest.raises(RuntimeError), startup.fewer_full_collections():
+    assert gc.isenabled() and gc.get_freeze_count() == frozen
+    with pytest.raises(RuntimeError), startup.framework_import():
         raise RuntimeError
-    assert gc.get_threshold() == before
+    assert gc.isenabled()
 
 
 def test_marks_are_off_without_the_variable(tmp_path, monkeypatch):
@@ -283,3 +305,44 @@ def test_a_failed_wandb_start_fails_the_next_log_call(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="no W&B today"):
         logger.finalize("success")
     wandb_setup.finish()  # safe after a failed start
+
+
+def _hydra_mode(overrides: list[str]):
+    from hydra import compose, initialize_config_dir
+
+    from prunelab.config import CONF_DIR
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("train", overrides=overrides, return_hydra_config=True)
+    return cfg.hydra.mode
+
+
+def test_hydra_mode_is_unset_unless_the_command_line_can_set_it():
+    """The start-up skips Hydra's composition that only reads hydra.mode when the command
+    line cannot set it: the defaults leave it unset, the groups found to set it do, and the
+    other configs with a hydra block do not."""
+    from prunelab.config import CONF_DIR
+    from prunelab.train import groups_setting_mode, may_set_mode
+
+    assert _hydra_mode([]) is None
+    setting = groups_setting_mode()
+    assert setting == {"experiment", "hparams_search"}
+    assert str(_hydra_mode(["experiment=fmnist_peer_recipe"])) == "RunMode.MULTIRUN"
+    assert str(_hydra_mode(["hparams_search=rigl_optuna"])) == "RunMode.MULTIRUN"
+    for path in sorted(CONF_DIR.glob("*/*.yaml")):
+        group = path.parent.name
+        if group not in setting and group != "hydra" and "\nhydra:" in "\n" + path.read_text():
+            assert _hydra_mode([f"{group}={path.stem}"]) is None, path.name
+    assert not may_set_mode(["pruning=rigl", "sparsity=0.9", "-m", "seed=0,1", "launcher=joblib"])
+    assert not may_set_mode(["hydra.run.dir=out", "hydra.sweep.dir=out", "hydra.job.chdir=false"])
+    for args in (
+        ["experiment=fmnist_peer_recipe"],
+        ["+experiment=x"],
+        ["sparsity=0.9", "hparams_search=rigl_optuna"],
+        ["hydra.mode=MULTIRUN"],
+        ["++hydra.searchpath=[pkg://x]"],
+        ["hydra/launcher=joblib"],
+        ["--config-dir=elsewhere"],
+        ["-cd", "elsewhere"],
+    ):
+        assert may_set_mode(args), args
