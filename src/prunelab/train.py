@@ -665,9 +665,11 @@ def fit_and_record(
     run starts from (besides the checkpoint it resumes from) / logs besides its own files.
     Errors propagate: the caller fails the record.
     """
+    from prunelab.tracking import fastpath
     from prunelab.tracking.profiler import NullProfiler
     from prunelab.tracking.progress import ThrottledRichProgressBar
 
+    fastpath.install()
 
     startup.mark("built")
     if config is None:
