@@ -753,3 +753,81 @@ def test_dense_method_touches_nothing(sparsity):
     report = engine.sparsity_report()
     assert report["global"] == 0.0
     assert report["n_updates"] == 0
+
+
+# --------------------------------------------------------------------------------------
+# the post-step re-masking is skipped only where it provably changes nothing
+# --------------------------------------------------------------------------------------
+
+
+def _remask_run(method: str, optimizer_name: str, skip: bool, warm: bool, seed: int = 3):
+    """A run whose post-step re-masking is allowed (``skip``) or forced; the weights after
+    every step, and how many post-hooks re-applied the masks."""
+    widths = [6, 8, 5]
+    model = build_model(widths, seed=seed)
+    batches = make_batches(widths, seed=seed)
+    optimizer = (
+        OPTIMIZERS[optimizer_name](model)
+        if optimizer_name in OPTIMIZERS
+        else torch.optim.RMSprop(model.parameters(), lr=1e-2, momentum=0.9)
+    )
+    if warm:
+        dense_warmup(model, optimizer, batches)
+    engine = make_engine(method, 0.8, model, seed=seed)
+    start(engine, model, batches, optimizer)
+    if not skip:
+        engine._remask_free = False
+    remasked = 0
+    apply = Masks.apply_
+
+    def counting_apply(masks, tensors):
+        nonlocal remasked
+        remasked += tensors is engine.params
+        apply(masks, tensors)
+
+    trajectory = []
+    Masks.apply_ = counting_apply
+    try:
+        for step in range(STEPS):
+            train_step(engine, model, optimizer, batches, step)
+            assert_pruned_weights_zero(engine, f"after step {step}")
+            trajectory.append([p.detach().clone() for p in model.parameters()])
+    finally:
+        Masks.apply_ = apply
+    return trajectory, remasked
+
+
+@pytest.mark.parametrize("warm", [False, True])
+@pytest.mark.parametrize("optimizer_name", sorted(OPTIMIZERS))
+@pytest.mark.parametrize("method", ["rigl", "gmp", "static"])
+def test_skipping_the_remask_changes_no_weight(method, optimizer_name, warm):
+    """SGD, Adam and AdamW leave a zero weight with a zero gradient and zero state at zero:
+    once the first step has re-masked and zeroed the pruned weights' state (a warm
+    optimizer has non-zero buffers there), the pass is skipped and every weight of every
+    step equals that of a run that re-masks after every step, bit for bit."""
+    skipped, n_skipped = _remask_run(method, optimizer_name, skip=True, warm=warm)
+    forced, n_forced = _remask_run(method, optimizer_name, skip=False, warm=warm)
+    assert n_forced >= STEPS - 1 and n_skipped <= 2
+    for step, (a, b) in enumerate(zip(skipped, forced, strict=True)):
+        for x, y in zip(a, b, strict=True):
+            assert torch.equal(x, y), f"step {step}"
+
+
+def test_other_optimizers_are_remasked_after_every_step():
+    _, n = _remask_run("rigl", "rmsprop", skip=True, warm=True)
+    assert n == STEPS
+
+
+def test_a_step_whose_gradients_were_not_masked_is_remasked():
+    widths = [6, 8, 5]
+    model = build_model(widths)
+    batches = make_batches(widths)
+    optimizer = OPTIMIZERS["sgd_momentum"](model)
+    engine = make_engine("rigl", 0.8, model)
+    start(engine, model, batches, optimizer)
+    for step in range(3):
+        train_step(engine, model, optimizer, batches, step)
+    # A step that skips before_optimizer_step: its pruned gradients move the weights.
+    backward(model, optimizer, batches[0])
+    optimizer.step()
+    assert_pruned_weights_zero(engine, "after a step without before_optimizer_step")

@@ -4,7 +4,13 @@ Invariants (each has a test):
 
 - pruned weights are exactly zero after every optimizer step: the masks are re-applied in an
   optimizer step post-hook, so momentum, Adam moments and weight decay cannot bring a pruned
-  weight back;
+  weight back. The post-hook skips that pass only where it provably changes nothing: for
+  SGD, Adam and AdamW (exactly those classes), which leave a weight where it is when its
+  gradient and its per-element state are zero, once the gradients of that very step were
+  masked here, and after a first step under the current optimizer and masks that re-applied
+  the masks and zeroed the optimizer state of every pruned weight (mask updates keep both
+  zero: dropped weights and their state are zeroed, and only the methods that mask
+  gradients and zero state at changed or inactive weights qualify);
 - gradients of pruned weights are zeroed before the step (after the method has seen the
   dense gradients it needs, e.g. RigL's grow scores);
 - optimizer state (momentum, Adam moments) is zeroed at positions that were just dropped or
@@ -138,6 +144,12 @@ class SparsityEngine:
         self.shadow: dict[str, torch.Tensor] | None = None
         self._pending: tuple[int, dict[str, torch.Tensor | None]] | None = None
         self._full_in_params = False
+        # The post-hook's re-masking pass is skipped when it changes nothing (see the module
+        # docstring): the attached optimizer qualifies, this step's gradients were masked,
+        # and the pruned weights' optimizer state is known to be zero.
+        self._remask_free = False
+        self._grads_masked = False
+        self._pruned_state_zero = False
 
     # -- set-up -----------------------------------------------------------------------------
     @property
@@ -173,6 +185,7 @@ class SparsityEngine:
             self.shadow = {n: p.detach().clone() for n, p in self.params.items()}
         self.masks.apply_(self.params)
         self.ever_active = self.masks.clone()
+        self._pruned_state_zero = False
         self._record(step=0, turnover=0.0)
 
     def attach(self, optimizer: torch.optim.Optimizer) -> None:
@@ -181,6 +194,13 @@ class SparsityEngine:
         parameters still hold the full weights (a step that did not run)."""
         if self.active:
             self._handles.append(optimizer.register_step_post_hook(self._after_step))
+        self._remask_free = (
+            type(optimizer) in _ZERO_PRESERVING
+            and not self.keeps_pruned_values
+            and bool(getattr(self.method, "mask_gradients", True))
+            and getattr(self.method, "reset_state", "changed") in ("changed", "inactive")
+        )
+        self._pruned_state_zero = False
         if self.keeps_pruned_values and self.model is not None:
             self._handles.append(self.model.register_forward_pre_hook(self._before_forward))
 
@@ -193,6 +213,7 @@ class SparsityEngine:
         if self.keeps_pruned_values:
             self._after_step_keeping_values(optimizer)
             return
+        masked, self._grads_masked = self._grads_masked, False
         if self._restore is not None:  # update_step=skip: undo this step entirely
             saved, stateless = self._restore
             for target, value in saved.items():
@@ -204,9 +225,24 @@ class SparsityEngine:
                 self.masks.apply_(self.params)
             return
         if self.masks is not None:
-            self.masks.apply_(self.params)
+            if not (masked and self._unchanged_by_step(optimizer)):
+                self.masks.apply_(self.params)
             if self.adam_resets and _is_adam(optimizer):
                 self._correct_adam(optimizer)
+
+    def _unchanged_by_step(self, optimizer: torch.optim.Optimizer) -> bool:
+        """Whether a step whose gradients were masked provably left every pruned weight at
+        zero (then the masks need not be re-applied). The first step that qualifies zeroes
+        the optimizer state of the pruned weights and says no; later ones rely on it."""
+        if not self._remask_free:
+            return False
+        if not self._pruned_state_zero:
+            assert self.masks is not None
+            for name, param in self.params.items():
+                _zero_optimizer_state(optimizer, param, ~self.masks[name])
+            self._pruned_state_zero = True
+            return False
+        return True
 
     def _device(self) -> torch.device:
         return next(iter(self.params.values())).device if self.params else torch.device("cpu")
@@ -332,8 +368,11 @@ class SparsityEngine:
                 grown = self._apply_update(step, new_masks, optimizer)
                 self._after_update(grown, grads, optimizer)
                 changed = True
+                if optimizer is None:  # the dropped weights' optimizer state was not zeroed
+                    self._pruned_state_zero = False
         if getattr(self.method, "mask_gradients", True):
             self.masks.apply_(grads)
+            self._grads_masked = True
         return changed
 
     @torch.no_grad()
@@ -578,6 +617,7 @@ class SparsityEngine:
         )
         self._pending = None
         self._full_in_params = False
+        self._pruned_state_zero = False
         method_state = state.get("method")
         if method_state is not None and callable(getattr(self.method, "load_state_dict", None)):
             self.method.load_state_dict(method_state)
@@ -598,6 +638,13 @@ def _zero_optimizer_state(
     for value in state.values():
         if torch.is_tensor(value) and value.shape == param.shape:
             value.masked_fill_(positions, 0)
+
+
+# Optimizers whose step leaves a weight exactly where it is when its gradient and its
+# per-element state (momentum, Adam moments) are zero: SGD with momentum, dampening, Nesterov
+# and L2 weight decay (0 + λ·0); Adam and AdamW, AMSGrad and decoupled decay (0·(1 − lr·λ))
+# included, plain, foreach or fused. Exactly these classes: a subclass may step otherwise.
+_ZERO_PRESERVING = (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW)
 
 
 def _is_adam(optimizer: torch.optim.Optimizer) -> bool:
