@@ -503,3 +503,47 @@ def test_schedule_ending_with_training_still_reaches_the_target(name, schedule):
     _train(model, optimizer, engine, data, range(total), lambda *_: None)
     zeros, n_total = n_zeros_target(sparsity, engine.params)
     assert abs(sum(int((~m).sum()) for m in engine.masks.values()) - zeros) <= len(widths) - 1
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    n=st.integers(1 << 15, 1 << 17),
+    k_fraction=st.floats(0.0, 1.0),
+    kind=st.sampled_from(["normal", "ties", "periodic", "sorted", "with_inf"]),
+    seed=st.integers(0, 2**16),
+)
+def test_kth_largest_is_the_value_topk_finds(n, k_fraction, kind, seed):
+    """The sampled selection gives exactly torch.topk's k-th largest value, whatever the
+    input: heavy ties, a period that a strided sample sees only one phase of (the sample
+    then misleads and the whole input is searched), sorted runs, -inf (NaN scores)."""
+    from prunelab.methods.base import kth_largest
+
+    g = torch.Generator().manual_seed(seed)
+    if kind == "normal":
+        flat = torch.randn(n, generator=g).abs()
+    elif kind == "ties":
+        flat = torch.randint(0, 5, (n,), generator=g).float()
+    elif kind == "periodic":
+        flat = torch.zeros(n)
+        flat[:: max(1, n // (1 << 13))] = 1.0  # exactly where the sample looks
+        flat += torch.rand(n, generator=g) * 1e-3
+    elif kind == "sorted":
+        flat = torch.arange(n, dtype=torch.float32).flip(0)
+    else:
+        flat = torch.randn(n, generator=g)
+        flat[torch.rand(n, generator=g) < 0.3] = -math.inf
+    k = min(n, max(1, round(k_fraction * n)))
+    assert torch.equal(kth_largest(flat, k), torch.topk(flat, k, sorted=False).values.min())
+
+
+def test_topk_mask_on_a_large_layer_matches_a_full_sort():
+    """topk_mask through the sampled selection: exactly k entries, the k largest."""
+    from prunelab.methods.base import topk_mask
+
+    g = torch.Generator().manual_seed(0)
+    scores = torch.randn(300, 784, generator=g)
+    for k in (1, 2352, 7056, 23520, 117600, 211680, 235199):
+        mask = topk_mask(scores, k)
+        assert int(mask.sum()) == k
+        order = scores.flatten().argsort(descending=True)
+        assert bool(mask.flatten()[order[:k]].all())
