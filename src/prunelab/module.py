@@ -3,8 +3,9 @@ sparsity engine (the one place where pruning meets Lightning).
 
 Per-step work outside forward, backward and the optimizer step is kept close to nothing:
 training loss and accuracy are reduced in batched windows (:class:`TrainStats`) and logged
-once per window and per epoch, and the attribute Lightning sets around every hook call skips
-nn.Module's registry checks.
+once per window (handed straight to the loggers, as the engine's statistics are) and per
+epoch, and the attribute Lightning sets around every hook call skips nn.Module's registry
+checks.
 
 The training step uses Lightning's manual optimization (its automatic optimization costs
 a closure, a dozen hook dispatches and progress bookkeeping per step, some 20% of a small
@@ -300,8 +301,14 @@ class ClassificationModule(pl.LightningModule):
                 watch = self._disconnection_watch = DisconnectionWatch()
             if self.global_rank == 0:
                 watch.check(diagnostics, self.global_step)
+        self._write(stats)
+
+    def _write(self, metrics: dict[str, Any]) -> None:
+        """Hand ``metrics`` to the loggers at the current optimizer step, now. Unlike
+        ``self.log``, nothing stays in Lightning's result collection, which the fit loop
+        would otherwise walk on every batch that follows (some 15 us a batch)."""
         for logger in self.loggers:
-            logger.log_metrics(stats, step=self.global_step)
+            logger.log_metrics(metrics, step=self.global_step)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if self.engine is not None:
@@ -345,7 +352,7 @@ class ClassificationModule(pl.LightningModule):
         loss = F.cross_entropy(logits, y)
         window_loss = self._train_stats.add(loss, logits, y)
         if window_loss is not None:
-            self.log("train/loss_step", window_loss, on_step=True, on_epoch=False)
+            self._write({"train/loss_step": float(window_loss), "epoch": self.current_epoch})
         if self._has_penalty:  # penalty-based pruning (L1): the data loss is logged above
             penalty = self.engine.penalty(self.global_step)
             if penalty is not None:
