@@ -208,16 +208,18 @@ class SparsityEngine:
         if self._full_in_params:
             self._mask_params()
 
-    @torch.no_grad()
     def _after_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        # (Each path that writes tensors runs without autograd: apply_, _correct_adam and
+        # the methods keeping pruned values on their own, the restore below.)
         if self.keeps_pruned_values:
             self._after_step_keeping_values(optimizer)
             return
         masked, self._grads_masked = self._grads_masked, False
         if self._restore is not None:  # update_step=skip: undo this step entirely
             saved, stateless = self._restore
-            for target, value in saved.items():
-                target.copy_(value)
+            with torch.no_grad():
+                for target, value in saved.items():
+                    target.copy_(value)
             for param in stateless:  # state the undone step created
                 optimizer.state.pop(param, None)
             self._restore = None
@@ -249,7 +251,7 @@ class SparsityEngine:
 
     def _ensure_device(self) -> None:
         device = self._device()
-        if self.masks is not None and next(iter(self.masks.values())).device != device:
+        if self.masks is not None and self.masks.device != device:
             self.masks = self.masks.to(device)
             self.ever_active = self.ever_active.to(device) if self.ever_active else None
             self.adam_resets = {n: r.to(device) for n, r in self.adam_resets.items()}

@@ -51,6 +51,13 @@ class Masks(Mapping[str, torch.Tensor]):
         self._masks[name] = mask.to(dtype=torch.bool, device=self._masks[name].device)
         self._cast = {k: v for k, v in self._cast.items() if k[0] != name}
 
+    @property
+    def device(self) -> torch.device | None:
+        """The device of the masks (the first one's; None when there are none)."""
+        for mask in self._masks.values():
+            return mask.device
+        return None
+
     # -- counts -----------------------------------------------------------------------------
     def nnz(self) -> dict[str, int]:
         """Kept (non-zero) entries per layer."""
