@@ -210,3 +210,34 @@ def test_profiler_is_free_by_default_and_configurable(compose_cfg, monkeypatch):
     assert seen[0] == NullProfiler.__name__ and seen[-1] == "SimpleProfiler"
     with NullProfiler().profile("a"), NullProfiler().profile("b"):  # nests, reusable
         pass
+
+
+def test_a_job_releases_its_run_before_the_next(compose_cfg, monkeypatch):
+    """A sweep worker runs job after job. A run's Trainer, module, callbacks and data hold
+    one another in reference cycles; each job collects them when it returns, rather than
+    leaving them (and the run's data) to some later full collection."""
+    import gc
+
+    import pytorch_lightning as pl
+
+    import prunelab.train as train_module
+
+    class Settle(pl.Callback):
+        """Moves the run's objects to the oldest generation, as a long run's get there."""
+
+        def on_train_end(self, trainer, pl_module):
+            gc.collect(1)
+            gc.collect(1)
+
+    run = train_module.train
+    monkeypatch.setattr(train_module, "train", lambda cfg: run(cfg, callbacks=[Settle()]))
+    gc.collect()
+    threshold = gc.get_threshold()
+    gc.set_threshold(threshold[0], threshold[1], 1_000_000)  # no full collection by chance
+    try:
+        record = train_module._train_and_release(compose_cfg("pruning=rigl", "sparsity=0.9"))
+        assert record["status"] == "completed"
+        left = gc.collect()
+    finally:
+        gc.set_threshold(*threshold)
+    assert left < 200, f"{left} objects of the finished run were left for a later collection"
