@@ -159,6 +159,43 @@ def test_framework_import_runs_without_the_collector_and_freezes_what_it_importe
     assert int(frozen_after) > int(frozen_before) + 100_000  # the framework's objects
 
 
+_IMPORT_GARBAGE = """
+import gc, sys, weakref
+sys.path.insert(0, sys.argv[1])
+from prunelab.tracking import startup
+
+class RunData:
+    pass
+
+def run():  # a run's frame: it imports the framework, then holds the run's data
+    with startup.framework_import():
+        import pytorch_lightning
+    data = RunData()
+    return weakref.ref(data)
+
+alive = run()
+gc.collect()
+print(alive() is not None)
+startup.release_import_garbage()
+print(alive() is not None, gc.get_freeze_count() > 100_000)
+"""
+
+
+def test_import_garbage_frozen_with_the_framework_is_released():
+    """The import's cyclic garbage is frozen with the framework; its frames reach the frame
+    that imported (a sweep job's first run, with its data). Releasing it once frees that
+    run; the framework stays frozen."""
+    out = subprocess.run(
+        [sys.executable, "-c", _IMPORT_GARBAGE, str(ROOT / "src")],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    pinned, still_pinned, refrozen = out
+    assert pinned == "True", "the import left no frozen garbage holding its caller's frame"
+    assert still_pinned == "False" and refrozen == "True"
+
+
 def test_framework_import_changes_nothing_once_the_framework_is_imported():
     import gc
 
