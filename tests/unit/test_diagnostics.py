@@ -160,6 +160,32 @@ def test_gradient_norms_of_active_and_inactive_weights():
     assert full["grad_rms_inactive"] == 0.0 and full["grad_norm_inactive"] == 0.0
 
 
+def test_gradient_norms_with_non_finite_gradients_keep_each_side_apart():
+    """An infinite gradient of an inactive weight makes the inactive norm infinite and
+    leaves the active one as it is (multiplying by the mask would make both NaN)."""
+    mask = torch.tensor([True, False, True, False])
+    grad = torch.tensor([3.0, math.inf, 4.0, 1.0])
+    layer = gradient_norms({"w": mask}, {"w": grad})["layers"]["w"]
+    assert layer["grad_norm_active"] == pytest.approx(5.0)
+    assert layer["grad_norm_inactive"] == math.inf
+    huge = torch.tensor([3e20, 0.0, 4e20, 1.0])  # float32 squares overflow
+    layer = gradient_norms({"w": mask}, {"w": huge})["layers"]["w"]
+    assert layer["grad_norm_active"] == pytest.approx(5e20)
+    assert layer["grad_norm_inactive"] == pytest.approx(1.0)
+
+
+def test_bool_any_by_byte_maximum_matches_any():
+    from prunelab.analysis.diagnostics import _any
+
+    generator = torch.Generator().manual_seed(0)
+    for shape in [(7, 5), (1, 9), (300, 784), (4, 3, 2), (0, 4), (3, 0)]:
+        x = torch.rand(shape, generator=generator) < 0.05
+        for dim in range(-len(shape), len(shape)):
+            assert torch.equal(_any(x, dim), x.any(dim)), (shape, dim)
+            assert torch.equal(_any(x.transpose(0, -1), dim), x.transpose(0, -1).any(dim))
+    assert not _any(torch.zeros(4, 4, dtype=torch.bool), 0).any()
+
+
 def test_skip_connections_are_recognised():
     assert not has_skip_connections(MLP(input_shape=(40,), num_classes=10))
     assert has_skip_connections(ResNet20(input_shape=(3, 32, 32), num_classes=10))

@@ -547,3 +547,57 @@ def test_topk_mask_on_a_large_layer_matches_a_full_sort():
         assert int(mask.sum()) == k
         order = scores.flatten().argsort(descending=True)
         assert bool(mask.flatten()[order[:k]].all())
+
+
+def _top_among_by_gathering(scores, candidates, k, generator=None):
+    """The candidates gathered, their k largest chosen with torch.topk's k-th value, ties
+    in index order then shuffled by ``generator``: what top_among must choose."""
+    index = candidates.flatten().nonzero().flatten()
+    flat = torch.nan_to_num(scores.flatten()[index].float(), nan=-math.inf)
+    mask = torch.zeros(scores.numel(), dtype=torch.bool)
+    k = max(0, min(k, index.numel()))
+    if k == 0:
+        return mask.view_as(scores)
+    kth = torch.topk(flat, k).values.min()
+    chosen = flat > kth
+    ties = (flat == kth).nonzero().flatten()
+    need = k - int(chosen.sum())
+    if generator is not None and ties.numel() > need:
+        ties = ties[torch.randperm(ties.numel(), generator=generator)[:need]]
+    chosen[ties[:need]] = True
+    mask[index[chosen]] = True
+    return mask.view_as(scores)
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    n=st.sampled_from([1, 7, 300, 5000, 40000]),
+    density=st.floats(0.0, 1.0),
+    k_fraction=st.floats(-0.1, 1.1),
+    kind=st.sampled_from(["normal", "ties", "nan", "inf"]),
+    seeded=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_top_among_chooses_as_gathering_the_candidates_does(
+    n, density, k_fraction, kind, seeded, seed
+):
+    """top_among selects over the whole layer when most entries are candidates (growth)
+    and among the gathered candidates otherwise (drop); both choose exactly the entries the
+    plain gather-and-topk selection chooses, random tie-breaks included."""
+    from prunelab.methods.base import top_among
+
+    g = torch.Generator().manual_seed(seed)
+    scores = torch.randn(n, generator=g)
+    if kind == "ties":
+        scores = torch.randint(0, 3, (n,), generator=g).float()
+    elif kind == "nan":
+        scores[torch.rand(n, generator=g) < 0.3] = math.nan
+    elif kind == "inf":
+        scores[torch.rand(n, generator=g) < 0.3] = -math.inf
+    candidates = torch.rand(n, generator=g) < density
+    k = round(k_fraction * int(candidates.sum()))
+    generators = [torch.Generator().manual_seed(seed) if seeded else None for _ in range(2)]
+    got = top_among(scores, candidates, k, generators[0])
+    assert torch.equal(got, _top_among_by_gathering(scores, candidates, k, generators[1]))
+    assert int(got.sum()) == max(0, min(k, int(candidates.sum())))
+    assert not bool((got & ~candidates).any())

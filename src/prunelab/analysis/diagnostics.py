@@ -67,10 +67,19 @@ def _as_matrix(mask: torch.Tensor) -> torch.Tensor:
     return mask.reshape(mask.shape[0], mask.shape[1], -1)
 
 
+def _any(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """``x.any(dim)`` for a bool ``x``, read as the maximum of its bytes: the same answer,
+    25-30x faster on CPU for a layer-sized mask (``any`` along rows takes ~180 µs for a
+    300x784 mask, the byte maximum ~6 µs)."""
+    if x.dtype != torch.bool or x.numel() == 0:
+        return x.any(dim)
+    return x.view(torch.uint8).amax(dim).view(torch.bool)
+
+
 def connectivity(mask: torch.Tensor) -> torch.Tensor:
     """``[out, in]`` bool: True where output unit ``o`` has an active weight from input unit
     ``i`` (at any kernel position)."""
-    return _as_matrix(mask.bool()).any(-1)
+    return _any(_as_matrix(mask.bool()), -1)
 
 
 def chain_links(shapes: Sequence[Sequence[int]]) -> list[int | None]:
@@ -113,7 +122,7 @@ def _path_alive(
         else:
             alive = reach_out[layer - 1].repeat_interleave(link)
         reach_in.append(alive)
-        reach_out.append((conn & alive).any(1))
+        reach_out.append(_any(conn & alive, 1))
     co_out: list[torch.Tensor] = [torch.empty(0)] * n
     for layer in reversed(range(n)):
         conn = conns[layer]
@@ -121,10 +130,25 @@ def _path_alive(
         if nxt is None:
             alive = torch.ones(conn.shape[0], dtype=torch.bool, device=conn.device)
         else:
-            below = (conns[layer + 1] & co_out[layer + 1][:, None]).any(0)
-            alive = below.view(conn.shape[0], nxt).any(1)
+            below = _any(conns[layer + 1] & co_out[layer + 1][:, None], 0)
+            alive = _any(below.view(conn.shape[0], nxt), 1)
         co_out[layer] = alive
     return reach_in, [r & c for r, c in zip(reach_out, co_out, strict=True)]
+
+
+def _split_squares(flat: torch.Tensor, mask: torch.Tensor, exact: bool = False) -> torch.Tensor:
+    """``[sum of squares of the active entries, of the inactive ones, active count]``
+    (float64). The split multiplies by the mask (an infinite entry then spoils both sums
+    with a NaN); ``exact`` selects instead and sums in float64, for gradients whose sums
+    came out NaN or infinite."""
+    if exact:
+        active, inactive = torch.where(mask, flat, 0.0), torch.where(mask, 0.0, flat)
+    else:
+        active = flat * mask
+        inactive = flat - active
+    dtype = torch.float64 if exact else None  # float32 squares of entries above 1e19 overflow
+    norms = torch.stack([torch.linalg.vector_norm(v, dtype=dtype) for v in (active, inactive)])
+    return torch.cat([norms.double().square(), mask.count_nonzero().double().reshape(1)])
 
 
 def gradient_norms(
@@ -138,18 +162,20 @@ def gradient_norms(
     large ``grad_rms_inactive`` next to ``grad_rms_active`` says that the pruned weights
     would matter. RMS is the norm over the square root of the count (0.0 for no weights)."""
     names = [n for n in masks if grads.get(n) is not None]
-    rows: list[torch.Tensor] = []
+    pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
     for name in names:
         grad = grads[name]
         assert grad is not None
-        mask = masks[name].to(device=grad.device, dtype=torch.bool)
-        square = grad.detach().float().square()
-        zero = square.new_zeros(())
-        active_sq = torch.where(mask, square, zero).sum(dtype=torch.float64)
-        inactive_sq = torch.where(mask, zero, square).sum(dtype=torch.float64)
-        rows.append(torch.stack([active_sq, inactive_sq, mask.sum().double()]))
+        flat = grad.detach().reshape(-1)
+        if not flat.is_floating_point():
+            flat = flat.float()
+        pairs.append((flat, masks[name].to(device=flat.device, dtype=torch.bool).reshape(-1)))
     # One transfer for every layer's sums (a single device sync on a GPU).
+    rows = [_split_squares(flat, mask) for flat, mask in pairs]
     values = torch.stack(rows).cpu().tolist() if rows else []
+    for i, row in enumerate(values):
+        if not (math.isfinite(row[0]) and math.isfinite(row[1])):  # inf * 0 made a NaN
+            values[i] = _split_squares(*pairs[i], exact=True).cpu().tolist()
     counts = [(int(v[2]), masks[n].numel() - int(v[2])) for n, v in zip(names, values, strict=True)]
 
     def entry(active_sq: float, inactive_sq: float, n_active: int, n_inactive: int) -> dict:
@@ -207,7 +233,7 @@ def mask_diagnostics(
         }
         return {**empty, "gradients": gradient_norms(masks, grads)} if grads is not None else empty
     matrices = [_as_matrix(masks[n].bool()) for n in names]
-    conns = [m.any(-1) for m in matrices]
+    conns = [_any(m, -1) for m in matrices]
     links = chain_links([tuple(m.shape[:2]) for m in matrices]) if chain else [None] * len(names)
     reach_in, alive_out = _path_alive(conns, links)
     # One transfer for every count: active, dead_out, dead_in, dead_units, weights on a path.
@@ -217,11 +243,11 @@ def mask_diagnostics(
         rows.append(
             torch.stack(
                 [
-                    matrix.sum(),
-                    (~conn.any(1)).sum(),
-                    (~conn.any(0)).sum(),
-                    (~outputs).sum(),
-                    (matrix & on_path[:, :, None]).sum(),
+                    matrix.count_nonzero(),
+                    (~_any(conn, 1)).count_nonzero(),
+                    (~_any(conn, 0)).count_nonzero(),
+                    (~outputs).count_nonzero(),
+                    (matrix & on_path[:, :, None]).count_nonzero(),
                 ]
             )
         )

@@ -470,15 +470,19 @@ class SparsityEngine:
         for name, param in self.params.items():
             new = new_masks[name]
             flipped = new ^ old[name]
-            changed_total += int(flipped.sum())
-            if reset_state != "none":
-                reset = ~new if reset_state == "inactive" else flipped
-                if optimizer is not None and bool(reset.any()):
-                    _zero_optimizer_state(optimizer, param, reset)
-            if not keep_values:
-                param.mul_(new)  # dropped weights become zero; grown ones are zero already
+            changed = int(flipped.count_nonzero())
+            changed_total += changed
+            if reset_state != "none" and optimizer is not None:
+                if reset_state == "inactive":
+                    reset = ~new
+                    if bool(reset.any()):
+                        _zero_optimizer_state(optimizer, param, reset)
+                elif changed:
+                    _zero_optimizer_state(optimizer, param, flipped)
             grown[name] = new & ~old[name]
             self.ever_active[name] |= new
+        if not keep_values:
+            new_masks.apply_(self.params)  # dropped weights become zero; grown ones already are
         self.masks = new_masks
         self.n_updates += 1
         self._record(step=step, turnover=changed_total / max(self.masks.numel(), 1))
@@ -507,7 +511,7 @@ class SparsityEngine:
     def layer_sparsity(self) -> dict[str, float]:
         """Measured fraction of zeros per prunable weight (read from the weights)."""
         with torch.no_grad():
-            return {n: float((p == 0).sum()) / p.numel() for n, p in self.params.items()}
+            return {n: float((p == 0).count_nonzero()) / p.numel() for n, p in self.params.items()}
 
     def sparsity_report(self) -> dict[str, Any]:
         """Sparsity of the masks (global and per layer), the measured fraction of weights that

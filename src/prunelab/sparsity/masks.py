@@ -61,7 +61,7 @@ class Masks(Mapping[str, torch.Tensor]):
     # -- counts -----------------------------------------------------------------------------
     def nnz(self) -> dict[str, int]:
         """Kept (non-zero) entries per layer."""
-        return {n: int(m.sum()) for n, m in self._masks.items()}
+        return {n: int(m.count_nonzero()) for n, m in self._masks.items()}
 
     def numel(self) -> int:
         """Total number of masked entries."""
@@ -78,11 +78,13 @@ class Masks(Mapping[str, torch.Tensor]):
             return 1.0 - self.density()
         names = list(names)
         total = sum(self._masks[n].numel() for n in names)
-        return 1.0 - sum(int(self._masks[n].sum()) for n in names) / total if total else 0.0
+        return (
+            1.0 - sum(int(self._masks[n].count_nonzero()) for n in names) / total if total else 0.0
+        )
 
     def layer_sparsity(self) -> dict[str, float]:
         """Fraction of entries pruned, per layer."""
-        return {n: 1.0 - int(m.sum()) / m.numel() for n, m in self._masks.items()}
+        return {n: 1.0 - int(m.count_nonzero()) / m.numel() for n, m in self._masks.items()}
 
     # -- application ------------------------------------------------------------------------
     def apply_(self, tensors: Mapping[str, torch.Tensor | None]) -> None:
