@@ -69,8 +69,8 @@ def _as_matrix(mask: torch.Tensor) -> torch.Tensor:
 
 def _any(x: torch.Tensor, dim: int) -> torch.Tensor:
     """``x.any(dim)`` for a bool ``x``, read as the maximum of its bytes: the same answer,
-    25-30x faster on CPU for a layer-sized mask (``any`` along rows takes ~180 µs for a
-    300x784 mask, the byte maximum ~6 µs)."""
+    up to 30x faster on CPU for a layer-sized mask (300x784: along rows ~180 µs against
+    ~6 µs, along columns ~48 µs against ~5 µs)."""
     if x.dtype != torch.bool or x.numel() == 0:
         return x.any(dim)
     return x.view(torch.uint8).amax(dim).view(torch.bool)
