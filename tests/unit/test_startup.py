@@ -148,13 +148,9 @@ def test_framework_import_runs_without_the_collector_and_freezes_what_it_importe
         "ctx.__exit__(None, None, None);"
         "print(off, gc.isenabled(), frozen, gc.get_freeze_count())"
     )
-    out = subprocess.run(
-        [sys.executable, "-c", code, str(ROOT / "src")],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.split()
-    off, on_after, frozen_before, frozen_after = out
+    proc = _python(code, str(ROOT / "src"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    off, on_after, frozen_before, frozen_after = proc.stdout.split()
     assert off == "True" and on_after == "True"
     assert int(frozen_after) > int(frozen_before) + 100_000  # the framework's objects
 
@@ -185,13 +181,9 @@ def test_import_garbage_frozen_with_the_framework_is_released():
     """The import's cyclic garbage is frozen with the framework; its frames reach the frame
     that imported (a sweep job's first run, with its data). Releasing it once frees that
     run; the framework stays frozen."""
-    out = subprocess.run(
-        [sys.executable, "-c", _IMPORT_GARBAGE, str(ROOT / "src")],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.split()
-    pinned, still_pinned, refrozen = out
+    proc = _python(_IMPORT_GARBAGE, str(ROOT / "src"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    pinned, still_pinned, refrozen = proc.stdout.split()
     assert pinned == "True", "the import left no frozen garbage holding its caller's frame"
     assert still_pinned == "False" and refrozen == "True"
 
