@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import io
+import math
 import sys
 from collections.abc import Callable
 
@@ -833,3 +834,52 @@ def test_a_step_whose_gradients_were_not_masked_is_remasked():
     backward(model, optimizer, batches[0])
     optimizer.step()
     assert_pruned_weights_zero(engine, "after a step without before_optimizer_step")
+
+
+# -- fast paths that must answer exactly as the plain operations do -------------------------
+def test_all_finite_is_exact_when_finite_entries_overflow_their_sum():
+    """A finite sum proves the entries finite; an overflowing sum of finite entries (or a
+    NaN, an infinity) is settled entry by entry."""
+    from prunelab.sparsity.engine import _all_finite
+
+    big = torch.full((4,), 3e38)
+    assert not bool(torch.isfinite(big.sum()))
+    assert _all_finite({"a": big, "b": None, "c": torch.randn(3)})
+    for bad in (math.inf, -math.inf, math.nan):
+        g = torch.randn(10)
+        g[3] = bad
+        assert not _all_finite({"a": torch.ones(2), "b": g})
+    both = torch.tensor([math.inf, -math.inf])  # sums to NaN
+    assert not _all_finite({"a": both})
+
+
+def test_zeroing_optimizer_state_is_exact_with_non_finite_state():
+    """The multiplication that zeroes optimizer state at ``positions`` leaves every other
+    entry as it was, and zeroes non-finite entries too (where a product by 0 gives NaN)."""
+    from prunelab.sparsity.engine import _zero_optimizer_state
+
+    param = torch.nn.Parameter(torch.zeros(6))
+    optimizer = torch.optim.SGD([param], lr=0.1, momentum=0.9)
+    buf = torch.tensor([1.0, math.inf, math.nan, -2.0, math.inf, -0.5])
+    optimizer.state[param] = {"momentum_buffer": buf.clone(), "step": torch.tensor(3.0)}
+    positions = torch.tensor([True, True, True, False, False, False])
+    _zero_optimizer_state(optimizer, param, positions)
+    got = optimizer.state[param]["momentum_buffer"]
+    assert torch.equal(got[:3], torch.zeros(3))
+    assert torch.equal(got[3:], buf[3:])
+    assert float(optimizer.state[param]["step"]) == 3.0  # not a per-element buffer
+    finite = torch.randn(6)
+    optimizer.state[param]["momentum_buffer"] = finite.clone()
+    _zero_optimizer_state(optimizer, param, positions)
+    expected = finite.masked_fill(positions, 0)
+    assert torch.equal(optimizer.state[param]["momentum_buffer"], expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.int64])
+def test_mask_as_dtype_reads_its_bytes_as_the_plain_conversion_does(dtype):
+    from prunelab.sparsity.masks import as_dtype
+
+    mask = torch.rand(30, 40) < 0.3
+    for view in (mask, mask.t(), mask[:, ::3]):  # non-contiguous views too
+        got = as_dtype(view, dtype)
+        assert got.dtype == dtype and torch.equal(got, view.to(dtype))

@@ -601,3 +601,49 @@ def test_top_among_chooses_as_gathering_the_candidates_does(
     assert torch.equal(got, _top_among_by_gathering(scores, candidates, k, generators[1]))
     assert int(got.sum()) == max(0, min(k, int(candidates.sum())))
     assert not bool((got & ~candidates).any())
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    n=st.sampled_from([7, 300, 5000, 40000, 100000]),
+    density=st.floats(0.0, 1.0),
+    fraction=st.floats(0.0, 1.0),
+    kind=st.sampled_from(["normal", "ties", "nan", "inf"]),
+    regrow_dropped=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_prune_and_grow_chooses_as_gathering_does(n, density, fraction, kind, regrow_dropped, seed):
+    """A prune-and-grow update selects in index space; it keeps and grows exactly the
+    weights that gathering the candidates and taking torch.topk's k largest chooses, for
+    the drop and for the growth, random tie-breaks included."""
+    from prunelab.methods.rigl import RigL
+    from prunelab.sparsity.engine import Context
+
+    g = torch.Generator().manual_seed(seed)
+
+    def scores():
+        if kind == "ties":
+            return torch.randint(0, 3, (n,), generator=g).float()
+        values = torch.randn(n, generator=g)
+        if kind in ("nan", "inf"):
+            values[torch.rand(n, generator=g) < 0.3] = math.nan if kind == "nan" else -math.inf
+        return values
+
+    mask = torch.rand(n, generator=g) < density
+    drop, grow = scores(), scores()
+    method = RigL(0.5, schedule={"kind": "prune_grow"}, regrow_dropped=regrow_dropped)
+    ctx = Context(seed=seed, step=100)
+    (active,) = torch.nonzero(mask, as_tuple=True)
+    n_drop = int(fraction * active.numel())
+    if not regrow_dropped:
+        n_drop = min(n_drop, n - active.numel())
+    if n_drop <= 0:
+        return
+    got = method._drop_and_grow(mask, active, n_drop, drop, grow, ctx, 3)
+    kept = _top_among_by_gathering(
+        drop, mask, active.numel() - n_drop, method.tie_generator(ctx, 3, "drop")
+    )
+    candidates = ~kept if regrow_dropped else ~mask
+    grown = _top_among_by_gathering(grow, candidates, n_drop, method.tie_generator(ctx, 3, "grow"))
+    assert torch.equal(got, kept | grown)
+    assert int(got.sum()) == int(mask.sum()) - n_drop + min(n_drop, int(candidates.sum()))

@@ -51,6 +51,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from prunelab.sparsity.masks import as_dtype
+
 log = logging.getLogger(__name__)
 
 # Names of submodules (or attributes) that mark a skip connection in the model zoo and in
@@ -144,7 +146,7 @@ def _split_squares(flat: torch.Tensor, mask: torch.Tensor, exact: bool = False) 
     if exact:
         active, inactive = torch.where(mask, flat, 0.0), torch.where(mask, 0.0, flat)
     else:
-        active = flat * mask
+        active = flat * as_dtype(mask, flat.dtype)
         inactive = flat - active
     dtype = torch.float64 if exact else None  # float32 squares of entries above 1e19 overflow
     norms = torch.stack([torch.linalg.vector_norm(v, dtype=dtype) for v in (active, inactive)])

@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import numpy as np
 import torch
 
 from prunelab.errors import ConfigError
@@ -70,18 +71,78 @@ def kth_largest(flat: torch.Tensor, k: int) -> torch.Tensor:
     the k-th largest exceeds the threshold too), so the answer is exact; otherwise (an
     unlucky sample) the whole input is searched. Selecting nearly all (k > 7n/8) searches for
     the (n - k + 1)-th smallest instead; a k in between is left to ``torch.topk``."""
+    return _kth_and_superset(flat, k)[0]
+
+
+def _kth_and_superset(flat: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """:func:`kth_largest`'s value and, when a sample found it, the indices (increasing) of
+    the entries at or above the sample's threshold: every entry at or above the k-th
+    largest value is among them. None stands for all entries."""
     n = flat.numel()
     if n < SAMPLED_SELECTION_MIN or n // 8 < min(k, n - k + 1) or k < 1:
-        return torch.topk(flat, k, sorted=False).values.min()
+        return _kth_value(flat, k), None
     if k > n // 2:
-        return -kth_largest(-flat, n - k + 1)
+        return -kth_largest(-flat, n - k + 1), None
     sample = flat[:: max(1, n // _SAMPLE_SIZE)]
     rank = min(sample.numel(), int(1.5 * k * sample.numel() / n) + 16)
-    threshold = torch.topk(sample, rank, sorted=False).values.min()
-    above = flat[flat >= threshold]
-    if above.numel() >= k:
-        return torch.topk(above, k, sorted=False).values.min()
-    return torch.topk(flat, k, sorted=False).values.min()
+    threshold = _kth_value(sample, rank)
+    # Indices rather than the values (flat[flat >= threshold]): as fast, and they locate
+    # the chosen entries without another pass over the input.
+    (index,) = torch.nonzero(flat >= threshold, as_tuple=True)
+    if index.numel() >= k:
+        return _kth_value(flat[index], k), index
+    return _kth_value(flat, k), None
+
+
+def _kth_value(values: torch.Tensor, k: int) -> torch.Tensor:
+    """``torch.topk(values, k).values.min()`` for a 1-D ``values`` without NaN (a 0-dim
+    tensor). On the CPU through numpy's introselect, which finds the one value; topk
+    partitions (value, index) pairs and measured 2-5x slower inside a mask update."""
+    n = values.numel()
+    if values.device.type == "cpu" and values.dtype in _NUMPY_SELECT and 1 <= k <= n:
+        array = values.detach().numpy()
+        return torch.from_numpy(np.partition(array, n - k)[n - k : n - k + 1]).reshape(())
+    return torch.topk(values, k, sorted=False).values.min()
+
+
+_NUMPY_SELECT = (torch.float32, torch.float64)
+
+
+def _choose(
+    values: torch.Tensor, kth: torch.Tensor, k: int, generator: torch.Generator | None
+) -> torch.Tensor:
+    """Positions in the 1-D ``values`` of its ``k`` largest entries, given the k-th
+    largest value ``kth``: every entry above it, and as many entries equal to it as places
+    remain, taken in increasing position, or at random with ``generator``."""
+    (chosen,) = torch.nonzero(values >= kth, as_tuple=True)
+    if chosen.numel() == k:  # every entry equal to the k-th value has a place
+        return chosen
+    (above,) = torch.nonzero(values > kth, as_tuple=True)
+    (ties,) = torch.nonzero(values == kth, as_tuple=True)
+    need = k - above.numel()
+    if generator is not None and ties.numel() > need:
+        ties = ties[torch.randperm(ties.numel(), generator=generator)[:need].to(ties.device)]
+    return torch.cat([above, ties[:need]])
+
+
+def top_index(
+    flat: torch.Tensor,
+    k: int,
+    generator: torch.Generator | None = None,
+    minus_inf_excluded: bool = False,
+) -> torch.Tensor | None:
+    """Indices of the ``k`` largest entries of the 1-D float ``flat`` (no NaN; 1 <= k <=
+    n), ties at the k-th value as in :func:`topk_mask`. With ``minus_inf_excluded`` (-inf
+    marks entries that may not be chosen) None when the k-th value is -inf: the caller then
+    restricts the ties itself. Works in index space: on a large input only the entries at
+    or above a sampled threshold are examined after one pass, which spares the whole-layer
+    masks of :func:`topk_mask`."""
+    kth, index = _kth_and_superset(flat, k)
+    if minus_inf_excluded and bool(kth == -math.inf):
+        return None
+    if index is None:
+        return _choose(flat, kth, k, generator)
+    return index[_choose(flat[index], kth, k, generator)]
 
 
 def topk_mask(
@@ -112,10 +173,16 @@ def _select(
     """Bool mask of the ``k`` largest entries of the 1-D ``flat`` (no NaN) among
     ``candidates`` (all entries if None; the others must hold -inf), ties as in
     :func:`topk_mask`. Everything above the k-th largest value is kept; the remaining
-    places go to entries equal to it. One selection and a linear pass when the k-th value
-    is not tied (the usual case); the tied entries are located only when there are more of
-    them than places. A full sort would cost an update ten times as much."""
-    kth = kth_largest(flat, k)
+    places go to entries equal to it. When a sample located the k-th value, only the
+    entries at or above its threshold are examined; otherwise one linear pass, and the
+    tied entries are located only when there are more of them than places. A full sort
+    would cost an update ten times as much."""
+    kth, index = _kth_and_superset(flat, k)
+    minus_inf = bool(kth == -math.inf)  # then non-candidates tie with the k-th value
+    if index is not None and not minus_inf:
+        mask = torch.zeros_like(flat, dtype=torch.bool)
+        mask[index[_choose(flat[index], kth, k, generator)]] = True
+        return mask
     mask = flat >= kth
     if candidates is not None:
         mask &= candidates
@@ -732,19 +799,59 @@ class PruneAndGrow(PruningMethod):
             if name in self.dense:
                 new[name] = mask
                 continue
-            n_active = int(mask.count_nonzero())
+            (active,) = torch.nonzero(mask.flatten(), as_tuple=True)
+            n_active = active.numel()
             n_drop = int(fraction * n_active)
             if not self.regrow_dropped:
                 n_drop = min(n_drop, mask.numel() - n_active)
             if n_drop <= 0:
                 new[name] = mask
                 continue
-            kept = top_among(
-                drop_scores[name], mask, n_active - n_drop, self.tie_generator(ctx, i, "drop")
+            new[name] = self._drop_and_grow(
+                mask, active, n_drop, drop_scores[name], grow_scores[name], ctx, i
             )
-            candidates = ~kept if self.regrow_dropped else ~mask
-            grown = top_among(
-                grow_scores[name], candidates, n_drop, self.tie_generator(ctx, i, "grow")
-            )
-            new[name] = kept | grown
         return Masks(new)
+
+    def _drop_and_grow(
+        self,
+        mask: torch.Tensor,
+        active: torch.Tensor,
+        n_drop: int,
+        drop_scores: torch.Tensor,
+        grow_scores: torch.Tensor,
+        ctx: Context,
+        layer: int,
+    ) -> torch.Tensor:
+        """One layer's new mask: keep the ``active`` weights (indices) with the highest
+        ``drop_scores`` but ``n_drop``, then grow the highest ``grow_scores`` among the
+        candidates. The same choice as :func:`top_among` for each (ties included), made in
+        index space: the drop among the gathered active weights, the growth over the layer
+        with the excluded weights at -inf, so no whole-layer bool mask is built but the
+        result (bool operations over a layer cost more than float ones on a CPU)."""
+        n_keep = active.numel() - n_drop
+        kept = active[:0]
+        if n_keep > 0:
+            values = drop_scores.detach().flatten()[active].float()
+            values = torch.nan_to_num(values, nan=-math.inf)
+            chosen = top_index(values, n_keep, self.tie_generator(ctx, layer, "drop"))
+            assert chosen is not None  # -inf values are candidates here
+            kept = active[chosen]
+        excluded = kept if self.regrow_dropped else active
+        n_grow = min(n_drop, mask.numel() - excluded.numel())
+        grow_generator = self.tie_generator(ctx, layer, "grow")
+        new = torch.zeros(mask.numel(), dtype=torch.bool, device=mask.device)
+        new[kept] = True
+        if n_grow > 0:
+            # (nan_to_num returns a new tensor: the scores are not written to.)
+            key = torch.nan_to_num(grow_scores.detach().flatten().float(), nan=-math.inf)
+            key.index_fill_(0, excluded, -math.inf)
+            grown = top_index(key, n_grow, grow_generator, minus_inf_excluded=True)
+            if grown is None:  # fewer candidates with a finite score than places
+                candidates = torch.ones_like(new)
+                candidates[excluded] = False
+                new |= top_among(
+                    grow_scores, candidates.view_as(mask), n_grow, grow_generator
+                ).flatten()
+            else:
+                new[grown] = True
+        return new.view_as(mask)
