@@ -647,3 +647,24 @@ def test_prune_and_grow_chooses_as_gathering_does(n, density, fraction, kind, re
     grown = _top_among_by_gathering(grow, candidates, n_drop, method.tie_generator(ctx, 3, "grow"))
     assert torch.equal(got, kept | grown)
     assert int(got.sum()) == int(mask.sum()) - n_drop + min(n_drop, int(candidates.sum()))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("kind", ["normal", "ties"])
+def test_selection_through_numpy_and_through_torch_agree(dtype, kind):
+    """On the CPU float32 and float64 are selected through numpy, other dtypes through
+    torch's own kernels: the same values give the same k-th value and the same entries,
+    random tie-breaks included."""
+    from prunelab.methods.base import kth_largest, top_index
+
+    g = torch.Generator().manual_seed(0)
+    for n in (1000, 40000, 100000):
+        if kind == "ties":
+            values = torch.randint(0, 50, (n,), generator=g).to(dtype)
+        else:
+            values = torch.randn(n, generator=g).to(dtype)
+        for k in (1, n // 10, n // 2, n - 1):
+            assert float(kth_largest(values, k)) == float(kth_largest(values.float(), k))
+            got = top_index(values, k, torch.Generator().manual_seed(k))
+            want = top_index(values.float(), k, torch.Generator().manual_seed(k))
+            assert torch.equal(got.sort().values, want.sort().values), (n, k)

@@ -17,6 +17,14 @@ def as_dtype(
     return mask.to(device=device or mask.device, dtype=dtype)
 
 
+def _all_true(mask: torch.Tensor) -> bool:
+    """``bool(mask.all())`` for a bool mask, read as the minimum of its bytes (about 8x
+    faster on a CPU)."""
+    if mask.numel() == 0:
+        return True
+    return bool(mask.view(torch.uint8).amin())
+
+
 # The cached factor of a mask that keeps every entry: nothing to multiply.
 _ALL_KEPT = torch.empty(0)
 
@@ -106,7 +114,24 @@ class Masks(Mapping[str, torch.Tensor]):
 
         One multiplication by the mask per tensor, all in a single foreach call (it runs on
         every optimizer step, twice), outside autograd."""
-        targets: list[torch.Tensor] = []
+        names, factors = self.factors(tensors)
+        targets = [tensors[n] for n in names]
+        if not targets:
+            return
+        if torch.is_grad_enabled():
+            with torch.no_grad():
+                torch._foreach_mul_(targets, factors)
+        else:
+            torch._foreach_mul_(targets, factors)
+
+    def factors(
+        self, tensors: Mapping[str, torch.Tensor | None]
+    ) -> tuple[list[str], list[torch.Tensor]]:
+        """The names of the ``tensors`` a mask removes entries from, and those masks as 0/1
+        factors in each tensor's dtype and on its device (cached). A mask that keeps
+        everything (a layer kept dense) would multiply by ones and is left out: that leaves
+        every value as the product would, NaN included."""
+        names: list[str] = []
         factors: list[torch.Tensor] = []
         for name, mask in self._masks.items():
             tensor = tensors.get(name)
@@ -115,22 +140,13 @@ class Masks(Mapping[str, torch.Tensor]):
             key = (name, tensor.dtype)
             cast = self._cast.get(key)
             if cast is None or (cast is not _ALL_KEPT and cast.device != tensor.device):
-                # A mask that keeps everything (a layer kept dense) multiplies by ones: it is
-                # skipped, which leaves every value as the product would, NaN included.
                 cast = self._cast[key] = (
-                    _ALL_KEPT if bool(mask.all()) else as_dtype(mask, tensor.dtype, tensor.device)
+                    _ALL_KEPT if _all_true(mask) else as_dtype(mask, tensor.dtype, tensor.device)
                 )
-            if cast is _ALL_KEPT:
-                continue
-            targets.append(tensor)
-            factors.append(cast)
-        if not targets:
-            return
-        if torch.is_grad_enabled():
-            with torch.no_grad():
-                torch._foreach_mul_(targets, factors)
-        else:
-            torch._foreach_mul_(targets, factors)
+            if cast is not _ALL_KEPT:
+                names.append(name)
+                factors.append(cast)
+        return names, factors
 
     def to(self, device: torch.device | str) -> Masks:
         """The same masks on another device."""
