@@ -327,3 +327,21 @@ def test_a_residual_mlp_declares_its_skip_connection():
     assert has_skip_connections(MLP((40,), 10, hidden=(16, 16), residual=True))
     assert not has_skip_connections(MLP((40,), 10, hidden=(16, 16), residual=False))
     assert not has_skip_connections(MLP((40,), 10, hidden=(16, 8), residual=True))
+
+
+def test_gradient_norms_from_masks_and_from_a_plain_mapping_agree():
+    """Masks hand gradient_norms their cached 0/1 factors (those that mask the gradients
+    each step); the norms are those computed from the plain bool tensors, exactly."""
+    from prunelab.analysis.diagnostics import gradient_norms
+    from prunelab.sparsity.masks import Masks
+
+    g = torch.Generator().manual_seed(0)
+    plain = {
+        "a": torch.rand(30, 40, generator=g) < 0.2,
+        "b": torch.ones(10, 30, dtype=torch.bool),  # kept dense: no factor
+        "c": torch.rand(8, 4, 3, 3, generator=g) < 0.5,
+    }
+    grads = {n: torch.randn(m.shape, generator=g) for n, m in plain.items()}
+    masks = Masks(plain)
+    masks.apply_({n: torch.ones_like(t) for n, t in grads.items()})  # fills the cache
+    assert gradient_norms(masks, grads) == gradient_norms(dict(plain), grads)

@@ -356,6 +356,8 @@ def test_prune_and_grow_keeps_counts_and_never_regrows_dropped(run):
             assert not (grown & dropped).any()
             assert not (new & dropped).any(), f"{name}: a weight dropped at {step} was regrown"
             any_change |= bool(grown.any())
+            # The kept indices an update hands to the next are the mask's own.
+            assert torch.equal(engine.masks.kept_indices(name), new.flatten().nonzero()[:, 0])
         optimizer.step()
     assert 1 <= engine.n_updates <= n_update_steps
     assert len(engine.history) == engine.n_updates + 1  # one entry at init, one per update
@@ -883,3 +885,24 @@ def test_mask_as_dtype_reads_its_bytes_as_the_plain_conversion_does(dtype):
     for view in (mask, mask.t(), mask[:, ::3]):  # non-contiguous views too
         got = as_dtype(view, dtype)
         assert got.dtype == dtype and torch.equal(got, view.to(dtype))
+
+
+def test_masks_forget_kept_indices_and_factors_of_a_replaced_mask():
+    masks = Masks({"a": torch.tensor([True, False, True]), "b": torch.ones(2, dtype=torch.bool)})
+    assert masks.kept_indices("a").tolist() == [0, 2]
+    masks.apply_({"a": torch.ones(3)})
+    masks["a"] = torch.tensor([False, True, False])
+    assert masks.kept_indices("a").tolist() == [1]
+    t = torch.ones(3)
+    masks.apply_({"a": t, "b": torch.ones(2)})
+    assert t.tolist() == [0.0, 1.0, 0.0]
+
+
+def test_merge_sorted_merges_two_increasing_runs():
+    from prunelab.methods.base import merge_sorted
+
+    g = torch.Generator().manual_seed(0)
+    perm = torch.randperm(1000, generator=g)
+    a, b = perm[:300].sort().values, perm[300:420].sort().values
+    assert torch.equal(merge_sorted(a, b), torch.cat([a, b]).sort().values)
+    assert torch.equal(merge_sorted(a[:0], b), b)

@@ -639,7 +639,9 @@ def test_prune_and_grow_chooses_as_gathering_does(n, density, fraction, kind, re
         n_drop = min(n_drop, n - active.numel())
     if n_drop <= 0:
         return
-    got = method._drop_and_grow(mask, active, n_drop, drop, grow, ctx, 3)
+    got, indices = method._drop_and_grow(mask, active, n_drop, drop, grow, ctx, 3)
+    # The kept indices handed to the next update are the new mask's, in increasing order.
+    assert torch.equal(indices, torch.nonzero(got, as_tuple=True)[0])
     kept = _top_among_by_gathering(
         drop, mask, active.numel() - n_drop, method.tie_generator(ctx, 3, "drop")
     )

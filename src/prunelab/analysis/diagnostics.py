@@ -51,7 +51,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from prunelab.sparsity.masks import as_dtype
+from prunelab.sparsity.masks import Masks, as_dtype
 
 log = logging.getLogger(__name__)
 
@@ -138,15 +138,21 @@ def _path_alive(
     return reach_in, [r & c for r, c in zip(reach_out, co_out, strict=True)]
 
 
-def _split_squares(flat: torch.Tensor, mask: torch.Tensor, exact: bool = False) -> torch.Tensor:
+def _split_squares(
+    flat: torch.Tensor,
+    mask: torch.Tensor,
+    exact: bool = False,
+    factor: torch.Tensor | None = None,
+) -> torch.Tensor:
     """``[sum of squares of the active entries, of the inactive ones, active count]``
     (float64). The split multiplies by the mask (an infinite entry then spoils both sums
     with a NaN); ``exact`` selects instead and sums in float64, for gradients whose sums
-    came out NaN or infinite."""
+    came out NaN or infinite. ``factor``: the mask as 0/1 values of ``flat``'s dtype, if
+    the caller has it."""
     if exact:
         active, inactive = torch.where(mask, flat, 0.0), torch.where(mask, 0.0, flat)
     else:
-        active = flat * as_dtype(mask, flat.dtype)
+        active = flat * (factor.reshape(-1) if factor is not None else as_dtype(mask, flat.dtype))
         inactive = flat - active
     dtype = torch.float64 if exact else None  # float32 squares of entries above 1e19 overflow
     norms = torch.stack([torch.linalg.vector_norm(v, dtype=dtype) for v in (active, inactive)])
@@ -164,6 +170,9 @@ def gradient_norms(
     large ``grad_rms_inactive`` next to ``grad_rms_active`` says that the pruned weights
     would matter. RMS is the norm over the square root of the count (0.0 for no weights)."""
     names = [n for n in masks if grads.get(n) is not None]
+    # Masks keep their masks as factors in the gradients' dtype (they mask them each step).
+    factors = masks.factors(grads) if isinstance(masks, Masks) else ([], [])
+    cached = dict(zip(*factors, strict=True))
     pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
     for name in names:
         grad = grads[name]
@@ -173,7 +182,12 @@ def gradient_norms(
             flat = flat.float()
         pairs.append((flat, masks[name].to(device=flat.device, dtype=torch.bool).reshape(-1)))
     # One transfer for every layer's sums (a single device sync on a GPU).
-    rows = [_split_squares(flat, mask) for flat, mask in pairs]
+    rows = []
+    for name, (flat, mask) in zip(names, pairs, strict=True):
+        factor = cached.get(name)
+        if factor is not None and (factor.dtype != flat.dtype or factor.device != flat.device):
+            factor = None
+        rows.append(_split_squares(flat, mask, factor=factor))
     values = torch.stack(rows).cpu().tolist() if rows else []
     for i, row in enumerate(values):
         if not (math.isfinite(row[0]) and math.isfinite(row[1])):  # inf * 0 made a NaN
@@ -235,7 +249,8 @@ def mask_diagnostics(
         }
         return {**empty, "gradients": gradient_norms(masks, grads)} if grads is not None else empty
     matrices = [_as_matrix(masks[n].bool()) for n in names]
-    conns = [_any(m, -1) for m in matrices]
+    # (A layer with one weight per pair of units, a Linear layer, is its own connectivity.)
+    conns = [m[..., 0] if m.shape[-1] == 1 else _any(m, -1) for m in matrices]
     links = chain_links([tuple(m.shape[:2]) for m in matrices]) if chain else [None] * len(names)
     reach_in, alive_out = _path_alive(conns, links)
     # One transfer for every count: active, dead_out, dead_in, dead_units, weights on a path.
@@ -249,7 +264,11 @@ def mask_diagnostics(
                     (~_any(conn, 1)).count_nonzero(),
                     (~_any(conn, 0)).count_nonzero(),
                     (~outputs).count_nonzero(),
-                    (matrix & on_path[:, :, None]).count_nonzero(),
+                    (
+                        on_path.count_nonzero()  # the weights are the connections
+                        if matrix.shape[-1] == 1
+                        else (matrix & on_path[:, :, None]).count_nonzero()
+                    ),
                 ]
             )
         )

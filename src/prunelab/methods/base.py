@@ -126,7 +126,8 @@ def _choose(
 ) -> torch.Tensor:
     """Positions in the 1-D ``values`` of its ``k`` largest entries, given the k-th
     largest value ``kth``: every entry above it, and as many entries equal to it as places
-    remain, taken in increasing position, or at random with ``generator``."""
+    remain, taken in increasing position, or at random with ``generator``. The positions
+    come out in increasing order."""
     chosen = _at_least(values, kth)
     if chosen.numel() == k:  # every entry equal to the k-th value has a place
         return chosen
@@ -135,7 +136,17 @@ def _choose(
     need = k - above.numel()
     if generator is not None and ties.numel() > need:
         ties = ties[torch.randperm(ties.numel(), generator=generator)[:need].to(ties.device)]
-    return torch.cat([above, ties[:need]])
+    return merge_sorted(above, ties[:need].sort().values)
+
+
+def merge_sorted(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """The increasing 1-D integer tensors ``a`` and ``b`` merged into one increasing tensor.
+    On the CPU numpy's stable sort finds the two runs and merges them in one linear pass
+    (about 10x faster than torch.sort, which sorts from scratch)."""
+    both = torch.cat([a, b])
+    if both.device.type == "cpu":
+        return torch.from_numpy(np.sort(both.numpy(), kind="stable"))
+    return both.sort().values
 
 
 def top_index(
@@ -808,22 +819,24 @@ class PruneAndGrow(PruningMethod):
         drop_scores = self.prune_scores(params, ctx)
         grow_scores = self.grow_scores(params, ctx)
         new: dict[str, torch.Tensor] = {}
+        # The new masks' kept indices, which the next update starts from.
+        indices: dict[str, torch.Tensor] = {}
         for i, (name, mask) in enumerate(masks.items()):
             if name in self.dense:
                 new[name] = mask
                 continue
-            (active,) = torch.nonzero(mask.flatten(), as_tuple=True)
+            active = masks.kept_indices(name)
             n_active = active.numel()
             n_drop = int(fraction * n_active)
             if not self.regrow_dropped:
                 n_drop = min(n_drop, mask.numel() - n_active)
             if n_drop <= 0:
-                new[name] = mask
+                new[name], indices[name] = mask, active
                 continue
-            new[name] = self._drop_and_grow(
+            new[name], indices[name] = self._drop_and_grow(
                 mask, active, n_drop, drop_scores[name], grow_scores[name], ctx, i
             )
-        return Masks(new)
+        return Masks(new, kept_indices=indices)
 
     def _drop_and_grow(
         self,
@@ -834,13 +847,14 @@ class PruneAndGrow(PruningMethod):
         grow_scores: torch.Tensor,
         ctx: Context,
         layer: int,
-    ) -> torch.Tensor:
-        """One layer's new mask: keep the ``active`` weights (indices) with the highest
-        ``drop_scores`` but ``n_drop``, then grow the highest ``grow_scores`` among the
-        candidates. The same choice as :func:`top_among` for each (ties included), made in
-        index space: the drop among the gathered active weights, the growth over the layer
-        with the excluded weights at -inf, so no whole-layer bool mask is built but the
-        result (bool operations over a layer cost more than float ones on a CPU)."""
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One layer's new mask and its kept indices (increasing): keep the ``active``
+        weights (increasing indices) with the highest ``drop_scores`` but ``n_drop``, then
+        grow the highest ``grow_scores`` among the candidates. The same choice as
+        :func:`top_among` for each (ties included), made in index space: the drop among the
+        gathered active weights, the growth over the layer with the excluded weights at
+        -inf, so no whole-layer bool mask is built but the result (bool operations over a
+        layer cost more than float ones on a CPU)."""
         n_keep = active.numel() - n_drop
         kept = active[:0]
         if n_keep > 0:
@@ -865,6 +879,7 @@ class PruneAndGrow(PruningMethod):
                 new |= top_among(
                     grow_scores, candidates.view_as(mask), n_grow, grow_generator
                 ).flatten()
-            else:
-                new[grown] = True
-        return new.view_as(mask)
+                return new.view_as(mask), torch.nonzero(new, as_tuple=True)[0]
+            new[grown] = True
+            kept = merge_sorted(kept, grown)
+        return new.view_as(mask), kept

@@ -35,7 +35,11 @@ class Masks(Mapping[str, torch.Tensor]):
     Refuses non-binary values, knows its own sparsity and applies itself in place.
     """
 
-    def __init__(self, masks: Mapping[str, torch.Tensor]) -> None:
+    def __init__(
+        self,
+        masks: Mapping[str, torch.Tensor],
+        kept_indices: Mapping[str, torch.Tensor] | None = None,
+    ) -> None:
         self._masks: dict[str, torch.Tensor] = {}
         for name, mask in masks.items():
             if mask.dtype != torch.bool:
@@ -47,6 +51,9 @@ class Masks(Mapping[str, torch.Tensor]):
         # Masks in the dtype of the tensors they multiply: a bool multiplier would be cast
         # (a new tensor) on every application, on the hot path of every optimizer step.
         self._cast: dict[tuple[str, torch.dtype], torch.Tensor] = {}
+        # Flat indices of the kept entries, increasing (see kept_indices); a caller that
+        # built a mask from its indices hands them over, which spares a search.
+        self._kept: dict[str, torch.Tensor] = dict(kept_indices or {})
 
     @classmethod
     def dense_like(cls, params: Mapping[str, torch.Tensor]) -> Masks:
@@ -72,6 +79,15 @@ class Masks(Mapping[str, torch.Tensor]):
             )
         self._masks[name] = mask.to(dtype=torch.bool, device=self._masks[name].device)
         self._cast = {k: v for k, v in self._cast.items() if k[0] != name}
+        self._kept.pop(name, None)
+
+    def kept_indices(self, name: str) -> torch.Tensor:
+        """The flat indices of the entries ``name`` keeps, in increasing order (what
+        ``torch.nonzero(mask.flatten())`` gives; found once per mask)."""
+        kept = self._kept.get(name)
+        if kept is None:
+            kept = self._kept[name] = torch.nonzero(self._masks[name].flatten(), as_tuple=True)[0]
+        return kept
 
     @property
     def device(self) -> torch.device | None:
