@@ -844,9 +844,10 @@ def test_all_finite_is_exact_when_finite_entries_overflow_their_sum():
     NaN, an infinity) is settled entry by entry."""
     from prunelab.sparsity.engine import _all_finite
 
-    big = torch.full((4,), 3e38)
+    big = torch.full((4,), 1e308, dtype=torch.float64)
     assert not bool(torch.isfinite(big.sum()))
     assert _all_finite({"a": big, "b": None, "c": torch.randn(3)})
+    assert _all_finite({"a": torch.full((4,), 3e38)})  # overflows a float32 sum
     for bad in (math.inf, -math.inf, math.nan):
         g = torch.randn(10)
         g[3] = bad

@@ -717,10 +717,14 @@ def _all_finite(grads: dict[str, torch.Tensor | None]) -> bool:
     """Whether every gradient entry is finite. A finite sum proves it (a NaN or an infinity
     makes the sum NaN or infinite), in one float reduction; a sum that is not finite (also
     when finite entries overflow it) is settled entry by entry."""
-    return all(
-        g is None or bool(torch.isfinite(g.sum())) or bool(torch.isfinite(g).all())
-        for g in grads.values()
-    )
+    present = [g for g in grads.values() if g is not None]
+    if not present:
+        return True
+    if len({g.device for g in present}) == 1:  # one reduction each, one sync for all
+        total = torch.stack([g.sum(dtype=torch.float64) for g in present]).sum()
+        if bool(torch.isfinite(total)):
+            return True
+    return all(bool(torch.isfinite(g).all()) for g in present)
 
 
 def _snapshot(

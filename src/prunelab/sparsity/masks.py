@@ -98,8 +98,12 @@ class Masks(Mapping[str, torch.Tensor]):
 
     # -- counts -----------------------------------------------------------------------------
     def nnz(self) -> dict[str, int]:
-        """Kept (non-zero) entries per layer."""
-        return {n: int(m.count_nonzero()) for n, m in self._masks.items()}
+        """Kept (non-zero) entries per layer (the number of kept indices where they are
+        known, without a count)."""
+        return {
+            n: self._kept[n].numel() if n in self._kept else int(m.count_nonzero())
+            for n, m in self._masks.items()
+        }
 
     def numel(self) -> int:
         """Total number of masked entries."""
