@@ -907,3 +907,79 @@ def test_merge_sorted_merges_two_increasing_runs():
     a, b = perm[:300].sort().values, perm[300:420].sort().values
     assert torch.equal(merge_sorted(a, b), torch.cat([a, b]).sort().values)
     assert torch.equal(merge_sorted(a[:0], b), b)
+
+
+def _run_with_or_without_listed_changes(
+    method, optimizer_name, listed, channels_last, **options
+) -> list[dict]:
+    model = build_model([6, 12, 8, 4], conv=True, seed=3)
+    if channels_last:  # non-contiguous parameters, gradients and optimizer state
+        model = model.to(memory_format=torch.channels_last)
+    batches = make_batches([6, 12, 8, 4], conv=True, seed=3)
+    optimizer = OPTIMIZERS[optimizer_name](model)
+    engine = make_engine(method, 0.7, model, seed=3, **options)
+    start(engine, model, batches, optimizer)
+    changes_from = Masks.changes_from
+    if not listed:
+        Masks.changes_from = lambda self, base: None
+    snapshots = []
+    try:
+        for step in range(STEPS):
+            backward(model, optimizer, batches[step % len(batches)])
+            engine.before_optimizer_step(step, optimizer)
+            grads = [p.grad.clone() for p in model.parameters()]
+            optimizer.step()
+            snapshots.append(
+                {
+                    "grads": grads,
+                    "weights": [p.detach().clone() for p in model.parameters()],
+                    "state": [
+                        v.clone()
+                        for p in model.parameters()
+                        for v in optimizer.state[p].values()
+                        if torch.is_tensor(v)
+                    ],
+                    "masks": engine.masks.clone(),
+                    "ever": engine.ever_active.clone(),
+                    "history": list(engine.history),
+                    "adam_resets": {n: r.clone() for n, r in engine.adam_resets.items()},
+                }
+            )
+    finally:
+        Masks.changes_from = changes_from
+    return snapshots
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize(
+    "options",
+    [
+        {},
+        {"update_step": "skip"},
+        {"update_step": "dense"},
+        {"adam_bias_correction": "per_weight"},
+        {"regrow_dropped": False},
+    ],
+)
+@pytest.mark.parametrize("optimizer_name", ["sgd_momentum", "adam"])
+@pytest.mark.parametrize("method", ["set", "rigl"])
+def test_an_update_that_lists_its_changes_writes_what_comparing_masks_writes(
+    method, optimizer_name, options, channels_last
+):
+    """A prune-and-grow update names the weights it dropped and grew; the engine then zeroes
+    weights, optimizer state and grown gradients at those indices instead of comparing the
+    masks. Every gradient, weight, optimizer buffer, mask and record of every step is the
+    one the comparison gives."""
+    a = _run_with_or_without_listed_changes(method, optimizer_name, True, channels_last, **options)
+    b = _run_with_or_without_listed_changes(method, optimizer_name, False, channels_last, **options)
+    for step, (x, y) in enumerate(zip(a, b, strict=True)):
+        for key in ("grads", "weights", "state"):
+            assert all(torch.equal(s, t) for s, t in zip(x[key], y[key], strict=True)), (
+                key,
+                step,
+            )
+        for key in ("masks", "ever"):
+            assert all(torch.equal(x[key][n], y[key][n]) for n in x[key]), (key, step)
+        assert x["history"] == y["history"], step
+        assert x["adam_resets"].keys() == y["adam_resets"].keys()
+        assert all(torch.equal(r, y["adam_resets"][n]) for n, r in x["adam_resets"].items())

@@ -639,9 +639,12 @@ def test_prune_and_grow_chooses_as_gathering_does(n, density, fraction, kind, re
         n_drop = min(n_drop, n - active.numel())
     if n_drop <= 0:
         return
-    got, indices = method._drop_and_grow(mask, active, n_drop, drop, grow, ctx, 3)
-    # The kept indices handed to the next update are the new mask's, in increasing order.
+    got, indices, (dropped, added) = method._drop_and_grow(mask, active, n_drop, drop, grow, ctx, 3)
+    # The kept indices handed to the next update are the new mask's, in increasing order,
+    # and the changes it lists are exactly where the masks differ.
     assert torch.equal(indices, torch.nonzero(got, as_tuple=True)[0])
+    assert torch.equal(dropped.sort().values, torch.nonzero(mask & ~got, as_tuple=True)[0])
+    assert torch.equal(added.sort().values, torch.nonzero(got & ~mask, as_tuple=True)[0])
     kept = _top_among_by_gathering(
         drop, mask, active.numel() - n_drop, method.tie_generator(ctx, 3, "drop")
     )

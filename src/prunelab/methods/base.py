@@ -819,11 +819,14 @@ class PruneAndGrow(PruningMethod):
         drop_scores = self.prune_scores(params, ctx)
         grow_scores = self.grow_scores(params, ctx)
         new: dict[str, torch.Tensor] = {}
-        # The new masks' kept indices, which the next update starts from.
+        # The new masks' kept indices, which the next update starts from, and what changed
+        # (dropped and grown indices), which the engine applies without comparing masks.
         indices: dict[str, torch.Tensor] = {}
+        changes: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         for i, (name, mask) in enumerate(masks.items()):
             if name in self.dense:
-                new[name] = mask
+                none = torch.empty(0, dtype=torch.long, device=mask.device)
+                new[name], changes[name] = mask, (none, none)
                 continue
             active = masks.kept_indices(name)
             n_active = active.numel()
@@ -831,12 +834,12 @@ class PruneAndGrow(PruningMethod):
             if not self.regrow_dropped:
                 n_drop = min(n_drop, mask.numel() - n_active)
             if n_drop <= 0:
-                new[name], indices[name] = mask, active
+                new[name], indices[name], changes[name] = mask, active, (active[:0], active[:0])
                 continue
-            new[name], indices[name] = self._drop_and_grow(
+            new[name], indices[name], changes[name] = self._drop_and_grow(
                 mask, active, n_drop, drop_scores[name], grow_scores[name], ctx, i
             )
-        return Masks(new, kept_indices=indices)
+        return Masks(new, kept_indices=indices, changes=(masks, changes))
 
     def _drop_and_grow(
         self,
@@ -847,8 +850,9 @@ class PruneAndGrow(PruningMethod):
         grow_scores: torch.Tensor,
         ctx: Context,
         layer: int,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """One layer's new mask and its kept indices (increasing): keep the ``active``
+    ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """One layer's new mask, its kept indices (increasing) and the indices it drops and
+        grows (a weight dropped and regrown in one update is in neither): keep the ``active``
         weights (increasing indices) with the highest ``drop_scores`` but ``n_drop``, then
         grow the highest ``grow_scores`` among the candidates. The same choice as
         :func:`top_among` for each (ties included), made in index space: the drop among the
@@ -856,30 +860,38 @@ class PruneAndGrow(PruningMethod):
         -inf, so no whole-layer bool mask is built but the result (bool operations over a
         layer cost more than float ones on a CPU)."""
         n_keep = active.numel() - n_drop
-        kept = active[:0]
+        kept, dropped = active[:0], active
         if n_keep > 0:
             values = drop_scores.detach().flatten()[active].float()
             values = torch.nan_to_num(values, nan=-math.inf)
             chosen = top_index(values, n_keep, self.tie_generator(ctx, layer, "drop"))
             assert chosen is not None  # -inf values are candidates here
             kept = active[chosen]
+            not_chosen = torch.ones_like(active, dtype=torch.bool)
+            not_chosen[chosen] = False
+            dropped = active[not_chosen]
         excluded = kept if self.regrow_dropped else active
         n_grow = min(n_drop, mask.numel() - excluded.numel())
         grow_generator = self.tie_generator(ctx, layer, "grow")
+        old = mask.flatten()
         new = torch.zeros(mask.numel(), dtype=torch.bool, device=mask.device)
         new[kept] = True
+        grown = active[:0]
         if n_grow > 0:
             # (nan_to_num returns a new tensor: the scores are not written to.)
             key = torch.nan_to_num(grow_scores.detach().flatten().float(), nan=-math.inf)
             key.index_fill_(0, excluded, -math.inf)
-            grown = top_index(key, n_grow, grow_generator, minus_inf_excluded=True)
-            if grown is None:  # fewer candidates with a finite score than places
+            chosen_grown = top_index(key, n_grow, grow_generator, minus_inf_excluded=True)
+            if chosen_grown is None:  # fewer candidates with a finite score than places
                 candidates = torch.ones_like(new)
                 candidates[excluded] = False
                 new |= top_among(
                     grow_scores, candidates.view_as(mask), n_grow, grow_generator
                 ).flatten()
-                return new.view_as(mask), torch.nonzero(new, as_tuple=True)[0]
-            new[grown] = True
-            kept = merge_sorted(kept, grown)
-        return new.view_as(mask), kept
+                changes = (torch.nonzero(old & ~new)[:, 0], torch.nonzero(new & ~old)[:, 0])
+                return new.view_as(mask), torch.nonzero(new, as_tuple=True)[0], changes
+            new[chosen_grown] = True
+            kept = merge_sorted(kept, chosen_grown)
+            grown = chosen_grown[~old[chosen_grown]]  # a regrown dropped weight is unchanged
+        dropped = dropped[~new[dropped]]
+        return new.view_as(mask), kept, (dropped, grown)

@@ -414,7 +414,7 @@ class SparsityEngine:
             for name, positions in grown.items():
                 grad = grads.get(name)
                 if grad is not None:
-                    grad.masked_fill_(positions, 0)
+                    _fill_at(grad, positions, 0)
         elif mode == "skip" and optimizer is not None:
             self._restore = _snapshot(optimizer)
         if optimizer is None or not _is_adam(optimizer):
@@ -426,14 +426,14 @@ class SparsityEngine:
         # moments stay 0) and the next is its first; ``skip`` undoes the coming step.
         offset = 1 if mode == "masked" else 0
         for name, positions in grown.items():
-            if not bool(positions.any()):
+            if not _any_position(positions):
                 continue
             param = self.params[name]
             before = _adam_step(optimizer, param)
             reset = self.adam_resets.get(name)
             if reset is None:
                 reset = self.adam_resets[name] = torch.zeros_like(param, dtype=torch.int64)
-            reset.masked_fill_(positions, before + offset)
+            _fill_at(reset, positions, before + offset)
             self._latest_reset = max(self._latest_reset, before + offset)
 
     @torch.no_grad()
@@ -471,7 +471,12 @@ class SparsityEngine:
             applied = lr / (1 - beta1**t) * m / (v.sqrt() / (1 - beta2**t) ** 0.5 + eps)
             bc1, bc2 = 1 - torch.pow(beta1, k), 1 - torch.pow(beta2, k)
             wanted = lr / bc1 * m / (v.sqrt() / bc2.sqrt() + eps)
-            param.view(-1).index_add_(0, index, sign * (applied - wanted))
+            correction = sign * (applied - wanted)
+            if param.is_contiguous():
+                param.view(-1).index_add_(0, index, correction)
+            else:  # (e.g. channels_last) flat indices number the entries row-major
+                delta = torch.zeros(param.numel(), dtype=param.dtype, device=param.device)
+                param.add_(delta.index_add_(0, index, correction).view(param.shape))
         for name in done:
             del self.adam_resets[name]
 
@@ -480,17 +485,39 @@ class SparsityEngine:
         self, step: int, new_masks: Masks, optimizer: torch.optim.Optimizer | None
     ) -> dict[str, torch.Tensor]:
         """Install ``new_masks``; zero dropped weights and the optimizer state of every weight
-        that changed. Returns the grown positions per layer. A method that keeps pruned
-        values keeps them (the caller re-applies the masks to the parameters)."""
+        that changed. Returns the grown positions per layer (a bool mask, or flat indices
+        where the method said what it changed). A method that keeps pruned values keeps them
+        (the caller re-applies the masks to the parameters)."""
         old = self.masks
+        assert old is not None and self.ever_active is not None
         changed_total = 0
         grown: dict[str, torch.Tensor] = {}
+        reset_state = getattr(self.method, "reset_state", "changed")
+        keep_values = self.keeps_pruned_values
+        changes = new_masks.changes_from(old)
+        if changes is not None and reset_state == "changed":
+            # The method listed the dropped and grown weights: the same writes, made at those
+            # indices instead of through whole-layer comparisons.
+            for name, param in self.params.items():
+                dropped, added = changes[name]
+                changed_total += dropped.numel() + added.numel()
+                if optimizer is not None and (dropped.numel() or added.numel()):
+                    _zero_optimizer_state(optimizer, param, torch.cat([dropped, added]))
+                grown[name] = added
+                if added.numel():
+                    ever = self.ever_active[name]
+                    _fill_at(ever, added, True)
+                    self.ever_active[name] = ever  # (drops its cached copies)
+                if not keep_values:
+                    _fill_at(param, dropped, 0)
+            self.masks = new_masks
+            self.n_updates += 1
+            self._record(step=step, turnover=changed_total / max(self.masks.numel(), 1))
+            return grown
         # Which optimizer state to zero: at every weight that changed (default), at every
         # weight inactive after the update (sparse momentum: grown weights keep the momentum
         # they gathered while inactive, and the inactive ones start gathering afresh), or
         # nowhere ("none": DNS, whose pruned weights keep training).
-        reset_state = getattr(self.method, "reset_state", "changed")
-        keep_values = self.keeps_pruned_values
         for name, param in self.params.items():
             new = new_masks[name]
             flipped = new ^ old[name]
@@ -675,9 +702,14 @@ def _zero_optimizer_state(
     optimizer: torch.optim.Optimizer, param: torch.Tensor, positions: torch.Tensor
 ) -> None:
     """Zero every per-element optimizer buffer of ``param`` (momentum, Adam moments) at
-    ``positions``."""
+    ``positions`` (a bool mask, or flat indices)."""
     state = optimizer.state.get(param)
     if not state:
+        return
+    if positions.dtype != torch.bool:
+        for value in state.values():
+            if torch.is_tensor(value) and value.shape == param.shape:
+                _fill_at(value, positions, 0)
         return
     keep: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
     for value in state.values():
@@ -694,6 +726,26 @@ def _zero_optimizer_state(
         value.mul_(factor)
         if not bool(torch.isfinite(value.sum())):
             value.masked_fill_(positions, 0)
+
+
+def _fill_at(tensor: torch.Tensor, positions: torch.Tensor, value: float | bool) -> None:
+    """``tensor[positions] = value`` for a bool mask or flat indices (row-major, as
+    ``flatten`` numbers the entries) ``positions``."""
+    if positions.dtype == torch.bool:
+        tensor.masked_fill_(positions, value)
+    elif not positions.numel():
+        return
+    elif tensor.is_contiguous():
+        tensor.view(-1).index_fill_(0, positions.to(tensor.device), value)
+    else:  # (e.g. channels_last): through a mask in the logical layout
+        where = torch.zeros(tensor.numel(), dtype=torch.bool, device=tensor.device)
+        where[positions.to(tensor.device)] = True
+        tensor.masked_fill_(where.view(tensor.shape), value)
+
+
+def _any_position(positions: torch.Tensor) -> bool:
+    """Whether a bool mask or a tensor of indices names any position."""
+    return bool(positions.any()) if positions.dtype == torch.bool else positions.numel() > 0
 
 
 # Optimizers whose step leaves a weight exactly where it is when its gradient and its
@@ -721,7 +773,7 @@ def _all_finite(grads: dict[str, torch.Tensor | None]) -> bool:
     if not present:
         return True
     if len({g.device for g in present}) == 1:  # one reduction each, one sync for all
-        total = torch.stack([g.sum(dtype=torch.float64) for g in present]).sum()
+        total = torch.stack([g.sum().double() for g in present]).sum()
         if bool(torch.isfinite(total)):
             return True
     return all(bool(torch.isfinite(g).all()) for g in present)

@@ -39,6 +39,7 @@ class Masks(Mapping[str, torch.Tensor]):
         self,
         masks: Mapping[str, torch.Tensor],
         kept_indices: Mapping[str, torch.Tensor] | None = None,
+        changes: tuple[Masks, Mapping[str, tuple[torch.Tensor, torch.Tensor]]] | None = None,
     ) -> None:
         self._masks: dict[str, torch.Tensor] = {}
         for name, mask in masks.items():
@@ -54,6 +55,9 @@ class Masks(Mapping[str, torch.Tensor]):
         # Flat indices of the kept entries, increasing (see kept_indices); a caller that
         # built a mask from its indices hands them over, which spares a search.
         self._kept: dict[str, torch.Tensor] = dict(kept_indices or {})
+        # (base, {name: (dropped, grown)}): the flat indices where these masks differ from
+        # the masks ``base`` (see changes_from).
+        self._changes = (changes[0], dict(changes[1])) if changes is not None else None
 
     @classmethod
     def dense_like(cls, params: Mapping[str, torch.Tensor]) -> Masks:
@@ -80,6 +84,17 @@ class Masks(Mapping[str, torch.Tensor]):
         self._masks[name] = mask.to(dtype=torch.bool, device=self._masks[name].device)
         self._cast = {k: v for k, v in self._cast.items() if k[0] != name}
         self._kept.pop(name, None)
+        self._changes = None
+
+    def changes_from(self, base: Masks) -> dict[str, tuple[torch.Tensor, torch.Tensor]] | None:
+        """For every layer, the flat indices that ``base`` keeps and these masks drop, and
+        those that these masks keep and ``base`` does not, when the method that built these
+        masks from ``base`` said so (an update that knows what it changed spares whole-layer
+        comparisons); None otherwise."""
+        if self._changes is None or self._changes[0] is not base:
+            return None
+        changes = self._changes[1]
+        return changes if set(changes) == set(self._masks) else None
 
     def kept_indices(self, name: str) -> torch.Tensor:
         """The flat indices of the entries ``name`` keeps, in increasing order (what
