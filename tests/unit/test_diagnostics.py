@@ -345,3 +345,19 @@ def test_gradient_norms_from_masks_and_from_a_plain_mapping_agree():
     masks = Masks(plain)
     masks.apply_({n: torch.ones_like(t) for n, t in grads.items()})  # fills the cache
     assert gradient_norms(masks, grads) == gradient_norms(dict(plain), grads)
+
+
+def test_mask_diagnostics_from_masks_with_known_counts_and_from_a_plain_mapping_agree():
+    from prunelab.analysis.diagnostics import mask_diagnostics
+    from prunelab.sparsity.masks import Masks
+
+    g = torch.Generator().manual_seed(1)
+    plain = {
+        "conv": torch.rand(8, 3, 3, 3, generator=g) < 0.4,
+        "fc1": torch.rand(20, 8 * 4, generator=g) < 0.2,
+        "fc2": torch.rand(5, 20, generator=g) < 0.5,
+    }
+    indices = {n: m.flatten().nonzero()[:, 0] for n, m in plain.items()}
+    masks = Masks(plain, kept_indices=indices)
+    for chain in (True, False):
+        assert mask_diagnostics(masks, chain=chain) == mask_diagnostics(dict(plain), chain=chain)

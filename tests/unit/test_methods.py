@@ -645,6 +645,10 @@ def test_prune_and_grow_chooses_as_gathering_does(n, density, fraction, kind, re
     assert torch.equal(indices, torch.nonzero(got, as_tuple=True)[0])
     assert torch.equal(dropped.sort().values, torch.nonzero(mask & ~got, as_tuple=True)[0])
     assert torch.equal(added.sort().values, torch.nonzero(got & ~mask, as_tuple=True)[0])
+    # Scoring the drop by |w| from the weights themselves chooses as the scores |w| do.
+    by_weights = method._drop_and_grow(mask, active, n_drop, -drop, grow, ctx, 3, True)
+    by_scores = method._drop_and_grow(mask, active, n_drop, drop.abs(), grow, ctx, 3)
+    assert torch.equal(by_weights[0], by_scores[0])
     kept = _top_among_by_gathering(
         drop, mask, active.numel() - n_drop, method.tie_generator(ctx, 3, "drop")
     )

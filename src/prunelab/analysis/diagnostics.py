@@ -78,6 +78,15 @@ def _any(x: torch.Tensor, dim: int) -> torch.Tensor:
     return x.view(torch.uint8).amax(dim).view(torch.bool)
 
 
+def _and(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """``x & y`` for bool tensors (broadcast), as a product of their bytes: the same answer,
+    and on a CPU about 8x faster when ``y`` is broadcast along rows (``v[:, None]``), where
+    torch's bool ``&`` takes a slow path (300x784: ~69 µs against ~9 µs)."""
+    if x.dtype != torch.bool or y.dtype != torch.bool:
+        return x & y
+    return (x.view(torch.uint8) * y.view(torch.uint8)).view(torch.bool)
+
+
 def connectivity(mask: torch.Tensor) -> torch.Tensor:
     """``[out, in]`` bool: True where output unit ``o`` has an active weight from input unit
     ``i`` (at any kernel position)."""
@@ -124,7 +133,7 @@ def _path_alive(
         else:
             alive = reach_out[layer - 1].repeat_interleave(link)
         reach_in.append(alive)
-        reach_out.append(_any(conn & alive, 1))
+        reach_out.append(_any(_and(conn, alive), 1))
     co_out: list[torch.Tensor] = [torch.empty(0)] * n
     for layer in reversed(range(n)):
         conn = conns[layer]
@@ -132,7 +141,7 @@ def _path_alive(
         if nxt is None:
             alive = torch.ones(conn.shape[0], dtype=torch.bool, device=conn.device)
         else:
-            below = _any(conns[layer + 1] & co_out[layer + 1][:, None], 0)
+            below = _any(_and(conns[layer + 1], co_out[layer + 1][:, None]), 0)
             alive = _any(below.view(conn.shape[0], nxt), 1)
         co_out[layer] = alive
     return reach_in, [r & c for r, c in zip(reach_out, co_out, strict=True)]
@@ -253,21 +262,29 @@ def mask_diagnostics(
     conns = [m[..., 0] if m.shape[-1] == 1 else _any(m, -1) for m in matrices]
     links = chain_links([tuple(m.shape[:2]) for m in matrices]) if chain else [None] * len(names)
     reach_in, alive_out = _path_alive(conns, links)
-    # One transfer for every count: active, dead_out, dead_in, dead_units, weights on a path.
+    # One transfer for every count: active, dead_out, dead_in, dead_units, weights on a path
+    # (Masks know their active counts when an update handed them the kept indices).
+    known = masks.nnz() if isinstance(masks, Masks) else None
     rows = []
-    for matrix, conn, inputs, outputs in zip(matrices, conns, reach_in, alive_out, strict=True):
-        on_path = conn & inputs[None, :] & outputs[:, None]
+    for name, matrix, conn, inputs, outputs in zip(
+        names, matrices, conns, reach_in, alive_out, strict=True
+    ):
+        on_path = _and(_and(conn, inputs[None, :]), outputs[:, None])
         rows.append(
             torch.stack(
                 [
-                    matrix.count_nonzero(),
+                    (
+                        torch.tensor(known[name], device=matrix.device)
+                        if known is not None
+                        else matrix.count_nonzero()
+                    ),
                     (~_any(conn, 1)).count_nonzero(),
                     (~_any(conn, 0)).count_nonzero(),
                     (~outputs).count_nonzero(),
                     (
                         on_path.count_nonzero()  # the weights are the connections
                         if matrix.shape[-1] == 1
-                        else (matrix & on_path[:, :, None]).count_nonzero()
+                        else _and(matrix, on_path[:, :, None]).count_nonzero()
                     ),
                 ]
             )

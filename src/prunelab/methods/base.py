@@ -816,7 +816,9 @@ class PruneAndGrow(PruningMethod):
 
     def update(self, step: int, params: Params, masks: Masks, ctx: Context) -> Masks:
         fraction = self.drop_schedule.fraction_at(step)
-        drop_scores = self.prune_scores(params, ctx)
+        # The default drop score is |w|: then only the active weights' magnitudes are taken.
+        by_magnitude = type(self).prune_scores is PruningMethod.prune_scores
+        drop_scores = params if by_magnitude else self.prune_scores(params, ctx)
         grow_scores = self.grow_scores(params, ctx)
         new: dict[str, torch.Tensor] = {}
         # The new masks' kept indices, which the next update starts from, and what changed
@@ -837,7 +839,7 @@ class PruneAndGrow(PruningMethod):
                 new[name], indices[name], changes[name] = mask, active, (active[:0], active[:0])
                 continue
             new[name], indices[name], changes[name] = self._drop_and_grow(
-                mask, active, n_drop, drop_scores[name], grow_scores[name], ctx, i
+                mask, active, n_drop, drop_scores[name], grow_scores[name], ctx, i, by_magnitude
             )
         return Masks(new, kept_indices=indices, changes=(masks, changes))
 
@@ -850,9 +852,11 @@ class PruneAndGrow(PruningMethod):
         grow_scores: torch.Tensor,
         ctx: Context,
         layer: int,
+        magnitude: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
         """One layer's new mask, its kept indices (increasing) and the indices it drops and
-        grows (a weight dropped and regrown in one update is in neither): keep the ``active``
+        grows (a weight dropped and regrown in one update is in neither). With ``magnitude``
+        ``drop_scores`` holds the weights and the drop score is |w|. Keep the ``active``
         weights (increasing indices) with the highest ``drop_scores`` but ``n_drop``, then
         grow the highest ``grow_scores`` among the candidates. The same choice as
         :func:`top_among` for each (ties included), made in index space: the drop among the
@@ -862,8 +866,10 @@ class PruneAndGrow(PruningMethod):
         n_keep = active.numel() - n_drop
         kept, dropped = active[:0], active
         if n_keep > 0:
-            values = drop_scores.detach().flatten()[active].float()
-            values = torch.nan_to_num(values, nan=-math.inf)
+            values = drop_scores.detach().flatten()[active]
+            values = torch.nan_to_num(
+                (values.abs() if magnitude else values).float(), nan=-math.inf
+            )
             chosen = top_index(values, n_keep, self.tie_generator(ctx, layer, "drop"))
             assert chosen is not None  # -inf values are candidates here
             kept = active[chosen]
