@@ -290,7 +290,7 @@ class ClassificationModule(pl.LightningModule):
             return
         stats = {k: v for k, v in self.engine.last_stats.items() if k != "step"}
         if force_layers and self.engine.masks is not None:
-            for name, value in self.engine.mask_layer_sparsity().items():
+            for name, value in self.engine.masks.layer_sparsity().items():
                 stats[f"sparsity/{name}"] = value
             diagnostics = self.engine.diagnostics()
             if gradients is not None:

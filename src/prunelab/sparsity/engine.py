@@ -134,8 +134,6 @@ class SparsityEngine:
         # _mask_gradients: the masks, the parameters whose gradients they multiply and the
         # masks as factors in their dtype.
         self._grad_plan: tuple[Masks, list[torch.Tensor], list[torch.Tensor]] | None = None
-        # The per-layer sparsity _record counted, with the masks it was counted on.
-        self._layer_sparsity: tuple[Masks, dict[str, float]] | None = None
         self._handles: list[Any] = []
         # Adam per-weight bias correction: for each regrown weight, the optimizer step count
         # (per tensor) before its first own update; 0 = not regrown. Kept sparse.
@@ -391,9 +389,9 @@ class SparsityEngine:
             names, factors = self.masks.factors(self.params)
             plan = self._grad_plan = (self.masks, [self.params[n] for n in names], factors)
         _, params, factors = plan
-        targets = [p.grad for p in params]
         if not factors:
             return
+        targets = [p.grad for p in params]
         # (A gradient has its parameter's dtype and device, which the factors were cast to;
         # _ensure_device renews the masks, and so this plan, when the model moves.)
         if any(g is None or g.requires_grad for g in targets):
@@ -542,28 +540,14 @@ class SparsityEngine:
     # -- reporting --------------------------------------------------------------------------
     def _record(self, step: int, turnover: float) -> None:
         assert self.masks is not None and self.ever_active is not None
-        # One count per layer serves the global and the per-layer figures.
-        kept = self.masks.nnz()
-        total = sum(m.numel() for m in self.masks.values())
         self.last_stats = {
             "step": float(step),
-            "sparsity/global": 1.0 - sum(kept.values()) / total if total else 0.0,
+            "sparsity/global": self.masks.sparsity(),
             "mask/turnover": turnover,
             "mask/itop_rate": self.ever_active.density(),
         }
-        layer_sparsity = {n: 1.0 - kept[n] / m.numel() for n, m in self.masks.items()}
-        densities = {n: 1.0 - v for n, v in layer_sparsity.items()}
+        densities = {n: 1.0 - v for n, v in self.masks.layer_sparsity().items()}
         self.history.append({**self.last_stats, "densities": densities})
-        self._layer_sparsity = (self.masks, layer_sparsity)
-
-    def mask_layer_sparsity(self) -> dict[str, float]:
-        """Fraction of entries pruned per layer by the masks in force (what
-        ``masks.layer_sparsity()`` gives; counted once per mask change)."""
-        assert self.masks is not None
-        cached = self._layer_sparsity
-        if cached is not None and cached[0] is self.masks:
-            return dict(cached[1])
-        return self.masks.layer_sparsity()
 
     def mask_digest(self) -> int:
         """A 63-bit fingerprint of all masks: equal digests mean (almost surely) equal masks."""

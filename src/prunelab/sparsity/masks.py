@@ -113,12 +113,14 @@ class Masks(Mapping[str, torch.Tensor]):
 
     # -- counts -----------------------------------------------------------------------------
     def nnz(self) -> dict[str, int]:
-        """Kept (non-zero) entries per layer (the number of kept indices where they are
-        known, without a count)."""
-        return {
-            n: self._kept[n].numel() if n in self._kept else int(m.count_nonzero())
-            for n, m in self._masks.items()
-        }
+        """Kept (non-zero) entries per layer."""
+        return {n: self._count(n) for n in self._masks}
+
+    def _count(self, name: str) -> int:
+        """Kept entries of ``name``: the number of its kept indices where an update handed
+        them over, else a count of the mask."""
+        kept = self._kept.get(name)
+        return kept.numel() if kept is not None else int(self._masks[name].count_nonzero())
 
     def numel(self) -> int:
         """Total number of masked entries."""
@@ -135,13 +137,11 @@ class Masks(Mapping[str, torch.Tensor]):
             return 1.0 - self.density()
         names = list(names)
         total = sum(self._masks[n].numel() for n in names)
-        return (
-            1.0 - sum(int(self._masks[n].count_nonzero()) for n in names) / total if total else 0.0
-        )
+        return 1.0 - sum(self._count(n) for n in names) / total if total else 0.0
 
     def layer_sparsity(self) -> dict[str, float]:
         """Fraction of entries pruned, per layer."""
-        return {n: 1.0 - int(m.count_nonzero()) / m.numel() for n, m in self._masks.items()}
+        return {n: 1.0 - self._count(n) / m.numel() for n, m in self._masks.items()}
 
     # -- application ------------------------------------------------------------------------
     def apply_(self, tensors: Mapping[str, torch.Tensor | None]) -> None:
