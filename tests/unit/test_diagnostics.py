@@ -361,3 +361,55 @@ def test_mask_diagnostics_from_masks_with_known_counts_and_from_a_plain_mapping_
     masks = Masks(plain, kept_indices=indices)
     for chain in (True, False):
         assert mask_diagnostics(masks, chain=chain) == mask_diagnostics(dict(plain), chain=chain)
+
+
+def test_diagnostics_from_active_indices_agree_with_whole_layer_masks():
+    """On the CPU a Masks is diagnosed from its active weights' indices (numpy), a plain
+    mapping from whole-layer bool operations: every count agrees, over random chains with
+    convolutions, flattens, 1-D masks, empty and full layers, sparse enough to strand weights
+    and kill units. Fails if either path's reachability or counting drifts."""
+    from prunelab.analysis.diagnostics import mask_diagnostics
+    from prunelab.sparsity.masks import Masks
+
+    g = torch.Generator().manual_seed(3)
+    for trial in range(60):
+        c1, c2, side, hidden = (int(v) for v in torch.randint(1, 6, (4,), generator=g))
+        shapes = [
+            (c1, 2, 3, 3),  # conv
+            (c2, c1, 1, 1),  # chained conv
+            (hidden, c2 * side),  # flatten of ``side`` positions per channel
+            (hidden,),  # 1-D (a bias-like mask): not chained
+            (3, hidden),
+        ]
+        plain = {}
+        for i, shape in enumerate(shapes):
+            density = float(torch.rand((), generator=g)) ** 2
+            if trial % 7 == i:
+                density = 0.0  # an empty layer
+            elif trial % 5 == i:
+                density = 1.0  # a full layer
+            plain[f"l{i}"] = torch.rand(shape, generator=g) < density
+        masks = Masks(plain)
+        for chain in (True, False):
+            assert mask_diagnostics(masks, chain=chain) == mask_diagnostics(
+                dict(plain), chain=chain
+            ), (trial, chain)
+
+
+@pytest.mark.parametrize("active_scale", [1.0, 1e3])
+def test_gradient_norms_match_float64_sums_whichever_side_dominates(active_scale):
+    """On the CPU the inactive sum is the layer's sum minus the active one where the inactive
+    side holds most of it, and is summed directly where it does not (the difference would
+    lose its digits): both agree with float64 sums to float32 precision."""
+    from prunelab.sparsity.masks import Masks
+
+    g = torch.Generator().manual_seed(5)
+    mask = torch.rand(200, 300, generator=g) < 0.1
+    grad = torch.randn(200, 300, generator=g)
+    grad[mask] *= active_scale
+    exact = grad.double()
+    active, inactive = exact[mask].square().sum(), exact[~mask].square().sum()
+    for masks in ({"w": mask}, Masks({"w": mask})):
+        layer = gradient_norms(masks, {"w": grad})["layers"]["w"]
+        assert layer["grad_norm_active"] == pytest.approx(math.sqrt(active), rel=1e-6)
+        assert layer["grad_norm_inactive"] == pytest.approx(math.sqrt(inactive), rel=1e-6)

@@ -48,9 +48,11 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
+from prunelab.sparsity.indices import flatnonzero, gather, numpy_backed
 from prunelab.sparsity.masks import Masks, as_dtype
 
 log = logging.getLogger(__name__)
@@ -168,6 +170,22 @@ def _split_squares(
     return torch.cat([norms.double().square(), mask.count_nonzero().double().reshape(1)])
 
 
+def _split_by_indices(flat: torch.Tensor, kept: torch.Tensor) -> torch.Tensor | None:
+    """:func:`_split_squares` of a CPU gradient from the flat indices ``kept`` of its active
+    entries, in two reads instead of four whole-layer passes: the active entries gathered
+    and summed in float64, the inactive sum as the layer's sum minus theirs. None (use
+    :func:`_split_squares`) where that difference could lose digits (the inactive entries
+    hold under half of the layer's sum, or a sum is not finite)."""
+    active = float(torch.linalg.vector_norm(gather(flat, kept), dtype=torch.float64)) ** 2
+    if kept.numel() == flat.numel():
+        inactive = 0.0
+    else:
+        inactive = float(torch.linalg.vector_norm(flat).double()) ** 2 - active
+        if not (math.isfinite(inactive) and inactive >= active):
+            return None
+    return torch.tensor([active, inactive, float(kept.numel())], dtype=torch.float64)
+
+
 def gradient_norms(
     masks: Mapping[str, torch.Tensor], grads: Mapping[str, torch.Tensor | None]
 ) -> dict[str, Any]:
@@ -193,6 +211,12 @@ def gradient_norms(
     # One transfer for every layer's sums (a single device sync on a GPU).
     rows = []
     for name, (flat, mask) in zip(names, pairs, strict=True):
+        if numpy_backed(flat, mask):  # on the CPU, from the active entries' indices
+            kept = masks.kept_indices(name) if isinstance(masks, Masks) else flatnonzero(mask)
+            split = _split_by_indices(flat, kept)
+            if split is not None:
+                rows.append(split)
+                continue
         factor = cached.get(name)
         if factor is not None and (factor.dtype != flat.dtype or factor.device != flat.device):
             factor = None
@@ -222,6 +246,101 @@ def gradient_norms(
         sum(c[1] for c in counts),
     )
     return {**total, "layers": layers}
+
+
+def _counts_by_masks(
+    masks: Mapping[str, torch.Tensor],
+    names: list[str],
+    matrices: list[torch.Tensor],
+    links: list[int | None],
+) -> list[list[int]]:
+    """Per layer ``[active, dead_out, dead_in, dead_units, weights on a live path]``, from
+    whole-layer bool operations on the masks (any device)."""
+    # (A layer with one weight per pair of units, a Linear layer, is its own connectivity.)
+    conns = [m[..., 0] if m.shape[-1] == 1 else _any(m, -1) for m in matrices]
+    reach_in, alive_out = _path_alive(conns, links)
+    # One transfer for every count: active, dead_out, dead_in, dead_units, weights on a path
+    # (Masks know their active counts when an update handed them the kept indices).
+    known = masks.nnz() if isinstance(masks, Masks) else None
+    rows = []
+    for name, matrix, conn, inputs, outputs in zip(
+        names, matrices, conns, reach_in, alive_out, strict=True
+    ):
+        on_path = _and(_and(conn, inputs[None, :]), outputs[:, None])
+        rows.append(
+            torch.stack(
+                [
+                    (
+                        torch.tensor(known[name], device=matrix.device)
+                        if known is not None
+                        else matrix.count_nonzero()
+                    ),
+                    (~_any(conn, 1)).count_nonzero(),
+                    (~_any(conn, 0)).count_nonzero(),
+                    (~outputs).count_nonzero(),
+                    (
+                        on_path.count_nonzero()  # the weights are the connections
+                        if matrix.shape[-1] == 1
+                        else _and(matrix, on_path[:, :, None]).count_nonzero()
+                    ),
+                ]
+            )
+        )
+    return torch.stack(rows).cpu().tolist()
+
+
+def _counts_by_indices(
+    masks: Masks, names: list[str], shapes: list[tuple[int, ...]], links: list[int | None]
+) -> list[list[int]]:
+    """:func:`_counts_by_masks` on the CPU from the flat indices of the active weights (which
+    a mask update hands over): each active weight's output and input unit, and the path
+    analysis over those, in numpy. The work follows the active weights rather than the
+    layer's size (a 90%-sparse layer: about a tenth of the entries to read)."""
+    units = []  # (output unit, input unit) of each active weight, per layer
+    for name, (_, n_in, kernel) in zip(names, shapes, strict=True):
+        pair = masks.kept_indices(name).numpy()
+        pair = pair // kernel if kernel > 1 else pair
+        out = pair // n_in  # (numpy divides by a scalar fast; its remainder is slow)
+        units.append((out, pair - out * n_in))
+    n = len(names)
+    reach_in: list[np.ndarray] = []
+    reach_out: list[np.ndarray] = []
+    for layer, (out, inp) in enumerate(units):
+        link = links[layer]
+        alive = np.ones(shapes[layer][1], bool) if link is None else reach_out[-1].repeat(link)
+        reached = np.zeros(shapes[layer][0], bool)
+        reached[out if link is None else out[alive[inp]]] = True
+        reach_in.append(alive)
+        reach_out.append(reached)
+    co_out: list[np.ndarray] = [np.empty(0, bool)] * n
+    for layer in reversed(range(n)):
+        nxt = links[layer + 1] if layer + 1 < n else None
+        if nxt is None:
+            co_out[layer] = np.ones(shapes[layer][0], bool)
+            continue
+        out, inp = units[layer + 1]
+        below = np.zeros(shapes[layer + 1][1], bool)
+        below[inp[co_out[layer + 1][out]]] = True
+        co_out[layer] = below.reshape(shapes[layer][0], nxt).any(1)
+    counts = []
+    for (out, inp), (n_out, n_in, _), inputs, reached, down in zip(
+        units, shapes, reach_in, reach_out, co_out, strict=True
+    ):
+        outputs = reached & down
+        fed = np.zeros(n_out, bool)
+        fed[out] = True
+        feeding = np.zeros(n_in, bool)
+        feeding[inp] = True
+        counts.append(
+            [
+                int(out.size),
+                n_out - int(np.count_nonzero(fed)),
+                n_in - int(np.count_nonzero(feeding)),
+                n_out - int(np.count_nonzero(outputs)),
+                int(np.count_nonzero(inputs[inp] & outputs[out])),
+            ]
+        )
+    return counts
 
 
 def mask_diagnostics(
@@ -258,38 +377,12 @@ def mask_diagnostics(
         }
         return {**empty, "gradients": gradient_norms(masks, grads)} if grads is not None else empty
     matrices = [_as_matrix(masks[n].bool()) for n in names]
-    # (A layer with one weight per pair of units, a Linear layer, is its own connectivity.)
-    conns = [m[..., 0] if m.shape[-1] == 1 else _any(m, -1) for m in matrices]
     links = chain_links([tuple(m.shape[:2]) for m in matrices]) if chain else [None] * len(names)
-    reach_in, alive_out = _path_alive(conns, links)
-    # One transfer for every count: active, dead_out, dead_in, dead_units, weights on a path
-    # (Masks know their active counts when an update handed them the kept indices).
-    known = masks.nnz() if isinstance(masks, Masks) else None
-    rows = []
-    for name, matrix, conn, inputs, outputs in zip(
-        names, matrices, conns, reach_in, alive_out, strict=True
-    ):
-        on_path = _and(_and(conn, inputs[None, :]), outputs[:, None])
-        rows.append(
-            torch.stack(
-                [
-                    (
-                        torch.tensor(known[name], device=matrix.device)
-                        if known is not None
-                        else matrix.count_nonzero()
-                    ),
-                    (~_any(conn, 1)).count_nonzero(),
-                    (~_any(conn, 0)).count_nonzero(),
-                    (~outputs).count_nonzero(),
-                    (
-                        on_path.count_nonzero()  # the weights are the connections
-                        if matrix.shape[-1] == 1
-                        else _and(matrix, on_path[:, :, None]).count_nonzero()
-                    ),
-                ]
-            )
-        )
-    counts = torch.stack(rows).cpu().tolist()
+    shapes = [tuple(int(d) for d in m.shape) for m in matrices]
+    if isinstance(masks, Masks) and numpy_backed(*matrices) and all(min(s) > 0 for s in shapes):
+        counts = _counts_by_indices(masks, names, shapes, links)
+    else:
+        counts = _counts_by_masks(masks, names, matrices, links)
     layers: dict[str, dict[str, Any]] = {}
     for name, matrix, link, row in zip(names, matrices, links, counts, strict=True):
         active, dead_out, dead_in, dead_units, on_path = (int(v) for v in row)

@@ -31,6 +31,14 @@ from prunelab.sparsity.distributions import (
     keep_counts,
 )
 from prunelab.sparsity.engine import Context
+from prunelab.sparsity.indices import (
+    fill_,
+    flatnonzero,
+    gather,
+    merge_sorted,
+    select,
+    without,
+)
 from prunelab.sparsity.masks import Masks
 from prunelab.sparsity.schedules import DropSchedule, SparsitySchedule, resolve_fraction
 
@@ -90,7 +98,7 @@ def _kth_and_superset(flat: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.T
     # the chosen entries without another pass over the input.
     index = _at_least(flat, threshold)
     if index.numel() >= k:
-        return _kth_value(flat[index], k), index
+        return _kth_value(gather(flat, index), k), index
     return _kth_value(flat, k), None
 
 
@@ -139,16 +147,6 @@ def _choose(
     return merge_sorted(above, ties[:need].sort().values)
 
 
-def merge_sorted(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """The increasing 1-D integer tensors ``a`` and ``b`` merged into one increasing tensor.
-    On the CPU numpy's stable sort finds the two runs and merges them in one linear pass
-    (about 10x faster than torch.sort, which sorts from scratch)."""
-    both = torch.cat([a, b])
-    if both.device.type == "cpu":
-        return torch.from_numpy(np.sort(both.numpy(), kind="stable"))
-    return both.sort().values
-
-
 def top_index(
     flat: torch.Tensor,
     k: int,
@@ -166,7 +164,7 @@ def top_index(
         return None
     if index is None:
         return _choose(flat, kth, k, generator)
-    return index[_choose(flat[index], kth, k, generator)]
+    return gather(index, _choose(gather(flat, index), kth, k, generator))
 
 
 def topk_mask(
@@ -866,38 +864,34 @@ class PruneAndGrow(PruningMethod):
         n_keep = active.numel() - n_drop
         kept, dropped = active[:0], active
         if n_keep > 0:
-            values = drop_scores.detach().flatten()[active]
+            values = gather(drop_scores.detach().reshape(-1), active)
             values = torch.nan_to_num(
                 (values.abs() if magnitude else values).float(), nan=-math.inf
             )
             chosen = top_index(values, n_keep, self.tie_generator(ctx, layer, "drop"))
             assert chosen is not None  # -inf values are candidates here
-            kept = active[chosen]
-            not_chosen = torch.ones_like(active, dtype=torch.bool)
-            not_chosen[chosen] = False
-            dropped = active[not_chosen]
+            kept, dropped = gather(active, chosen), without(active, chosen)
         excluded = kept if self.regrow_dropped else active
         n_grow = min(n_drop, mask.numel() - excluded.numel())
         grow_generator = self.tie_generator(ctx, layer, "grow")
-        old = mask.flatten()
-        new = torch.zeros(mask.numel(), dtype=torch.bool, device=mask.device)
-        new[kept] = True
+        old = mask.reshape(-1)
+        new = fill_(old.clone(), dropped, False)
         grown = active[:0]
         if n_grow > 0:
             # (nan_to_num returns a new tensor: the scores are not written to.)
-            key = torch.nan_to_num(grow_scores.detach().flatten().float(), nan=-math.inf)
-            key.index_fill_(0, excluded, -math.inf)
-            chosen_grown = top_index(key, n_grow, grow_generator, minus_inf_excluded=True)
+            key = torch.nan_to_num(grow_scores.detach().reshape(-1).float(), nan=-math.inf)
+            chosen_grown = top_index(
+                fill_(key, excluded, -math.inf), n_grow, grow_generator, minus_inf_excluded=True
+            )
             if chosen_grown is None:  # fewer candidates with a finite score than places
-                candidates = torch.ones_like(new)
-                candidates[excluded] = False
+                candidates = fill_(torch.ones_like(new), excluded, False)
                 new |= top_among(
                     grow_scores, candidates.view_as(mask), n_grow, grow_generator
                 ).flatten()
-                changes = (torch.nonzero(old & ~new)[:, 0], torch.nonzero(new & ~old)[:, 0])
-                return new.view_as(mask), torch.nonzero(new, as_tuple=True)[0], changes
-            new[chosen_grown] = True
+                changes = (flatnonzero(old & ~new), flatnonzero(new & ~old))
+                return new.view_as(mask), flatnonzero(new), changes
+            fill_(new, chosen_grown, True)
             kept = merge_sorted(kept, chosen_grown)
-            grown = chosen_grown[~old[chosen_grown]]  # a regrown dropped weight is unchanged
-        dropped = dropped[~new[dropped]]
+            grown = select(chosen_grown, ~gather(old, chosen_grown))  # regrown: unchanged
+        dropped = select(dropped, ~gather(new, dropped))
         return new.view_as(mask), kept, (dropped, grown)

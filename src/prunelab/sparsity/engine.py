@@ -70,6 +70,7 @@ import torch
 from torch import nn
 
 from prunelab.analysis.diagnostics import has_skip_connections, mask_diagnostics
+from prunelab.sparsity.indices import fill_
 from prunelab.sparsity.masks import Masks, as_dtype
 
 log = logging.getLogger(__name__)
@@ -720,7 +721,7 @@ def _fill_at(tensor: torch.Tensor, positions: torch.Tensor, value: float | bool)
     elif not positions.numel():
         return
     elif tensor.is_contiguous():
-        tensor.view(-1).index_fill_(0, positions.to(tensor.device), value)
+        fill_(tensor.view(-1), positions, value)
     else:  # (e.g. channels_last): through a mask in the logical layout
         where = torch.zeros(tensor.numel(), dtype=torch.bool, device=tensor.device)
         where[positions.to(tensor.device)] = True

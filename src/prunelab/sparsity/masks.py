@@ -6,6 +6,8 @@ from collections.abc import Iterable, Iterator, Mapping
 
 import torch
 
+from prunelab.sparsity.indices import count, flatnonzero
+
 
 def as_dtype(
     mask: torch.Tensor, dtype: torch.dtype, device: torch.device | None = None
@@ -101,7 +103,7 @@ class Masks(Mapping[str, torch.Tensor]):
         ``torch.nonzero(mask.flatten())`` gives; found once per mask)."""
         kept = self._kept.get(name)
         if kept is None:
-            kept = self._kept[name] = torch.nonzero(self._masks[name].flatten(), as_tuple=True)[0]
+            kept = self._kept[name] = flatnonzero(self._masks[name].reshape(-1))
         return kept
 
     @property
@@ -120,7 +122,7 @@ class Masks(Mapping[str, torch.Tensor]):
         """Kept entries of ``name``: the number of its kept indices where an update handed
         them over, else a count of the mask."""
         kept = self._kept.get(name)
-        return kept.numel() if kept is not None else int(self._masks[name].count_nonzero())
+        return kept.numel() if kept is not None else count(self._masks[name])
 
     def numel(self) -> int:
         """Total number of masked entries."""
