@@ -983,3 +983,37 @@ def test_an_update_that_lists_its_changes_writes_what_comparing_masks_writes(
         assert x["history"] == y["history"], step
         assert x["adam_resets"].keys() == y["adam_resets"].keys()
         assert all(torch.equal(r, y["adam_resets"][n]) for n, r in x["adam_resets"].items())
+
+
+def test_plain_steps_mask_as_the_masks_do_and_follow_a_mask_replaced_in_place():
+    """Steps without an update take a short path through the cached factors; the gradients
+    it leaves are those the masks leave (``Masks.apply_``), before and after updates, and a
+    mask replaced in place (``masks[name] = ...``) takes effect at the next step instead of
+    the cached factors."""
+    widths = [12, 10, 6]
+    model = build_model(widths)
+    batches = make_batches(widths)
+    schedule = dict(PRUNE_GROW, update_every=3, end=0.9)
+    engine = make_engine("rigl", 0.7, model, schedule=schedule)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    start(engine, model, batches, optimizer)
+    plain = 0
+    for step in range(12):
+        backward(model, optimizer, batches[step % len(batches)])
+        if step == 7:  # replace a mask in place, mid-training
+            name = next(iter(engine.masks))
+            engine.masks[name] = ~engine.masks[name]
+        update = engine.method.is_update_step(step)
+        expected = {n: p.grad.clone() for n, p in engine.params.items()}
+        short = engine._plain_step(step)  # what before_optimizer_step tries first
+        plain += short
+        if not short:
+            engine.before_optimizer_step(step, optimizer)
+        if not update:
+            engine.masks.apply_(expected)
+            for name, param in engine.params.items():
+                assert torch.equal(param.grad, expected[name]), (step, name)
+        if step == 7:
+            assert not short  # the replaced mask renewed the plan
+        optimizer.step()
+    assert plain >= 5  # the short path did run

@@ -134,7 +134,8 @@ class SparsityEngine:
         self.rank_checks = 0  # cross-rank mask agreement checks passed (DDP)
         # _mask_gradients: the masks, the parameters whose gradients they multiply and the
         # masks as factors in their dtype.
-        self._grad_plan: tuple[Masks, list[torch.Tensor], list[torch.Tensor]] | None = None
+        # (Also the masks' version: a mask replaced in place renews the plan.)
+        self._grad_plan: tuple[Masks, list[torch.Tensor], list[torch.Tensor], int] | None = None
         self._handles: list[Any] = []
         # Adam per-weight bias correction: for each regrown weight, the optimizer step count
         # (per tensor) before its first own update; 0 = not regrown. Kept sparse.
@@ -356,6 +357,8 @@ class SparsityEngine:
         the weights the step produced (see the module docstring); True then says that it
         will.
         """
+        if self._plain_step(step):
+            return False
         if not self.active or self.masks is None:
             return False
         self._ensure_device()
@@ -381,15 +384,44 @@ class SparsityEngine:
             self._grads_masked = True
         return changed
 
+    def _plain_step(self, step: int) -> bool:
+        """The common case of :meth:`before_optimizer_step`, in a few lookups: no update at
+        ``step``, the masks and the model's device those of the last step whose gradients
+        were masked. Masks the gradients and returns True then; False (nothing done) where
+        the full path has to decide (the first step, an update, a model that moved, a
+        gradient missing)."""
+        plan = self._grad_plan
+        if (
+            plan is None
+            or plan[0] is not self.masks
+            or plan[3] != self.masks.version
+            or self.method.is_update_step(step)
+        ):
+            return False
+        params, factors = plan[1], plan[2]
+        if not factors:
+            self._restore = None
+            self._grads_masked = True
+            return True
+        targets = [p.grad for p in params]
+        for grad, factor in zip(targets, factors, strict=True):
+            if grad is None or grad.requires_grad or grad.device != factor.device:
+                return False
+        self._restore = None
+        torch._foreach_mul_(targets, factors)
+        self._grads_masked = True
+        return True
+
     def _mask_gradients(self, grads: dict[str, torch.Tensor | None]) -> None:
         """``self.masks.apply_(grads)``, through a list of parameters and mask factors kept
         while the masks are unchanged: this runs on every optimizer step, and the lookups
         per layer cost about as much as a small layer's multiplication."""
         plan = self._grad_plan
-        if plan is None or plan[0] is not self.masks:
+        if plan is None or plan[0] is not self.masks or plan[3] != self.masks.version:
             names, factors = self.masks.factors(self.params)
-            plan = self._grad_plan = (self.masks, [self.params[n] for n in names], factors)
-        _, params, factors = plan
+            params = [self.params[n] for n in names]
+            plan = self._grad_plan = (self.masks, params, factors, self.masks.version)
+        _, params, factors, _ = plan
         if not factors:
             return
         targets = [p.grad for p in params]

@@ -60,6 +60,9 @@ class Masks(Mapping[str, torch.Tensor]):
         # (base, {name: (dropped, grown)}): the flat indices where these masks differ from
         # the masks ``base`` (see changes_from).
         self._changes = (changes[0], dict(changes[1])) if changes is not None else None
+        # Bumped by every ``masks[name] = ...``: a plan built on these masks (the engine's
+        # per-step gradient masking) is stale once it differs.
+        self.version = 0
 
     @classmethod
     def dense_like(cls, params: Mapping[str, torch.Tensor]) -> Masks:
@@ -87,6 +90,7 @@ class Masks(Mapping[str, torch.Tensor]):
         self._cast = {k: v for k, v in self._cast.items() if k[0] != name}
         self._kept.pop(name, None)
         self._changes = None
+        self.version += 1
 
     def changes_from(self, base: Masks) -> dict[str, tuple[torch.Tensor, torch.Tensor]] | None:
         """For every layer, the flat indices that ``base`` keeps and these masks drop, and
