@@ -1017,3 +1017,27 @@ def test_plain_steps_mask_as_the_masks_do_and_follow_a_mask_replaced_in_place():
             assert not short  # the replaced mask renewed the plan
         optimizer.step()
     assert plain >= 5  # the short path did run
+
+
+def test_mask_updates_do_not_keep_earlier_masks_alive():
+    """An update's masks know what changed since the masks they came from, without holding
+    them: a run of updates keeps one generation of masks (with its cached factors and
+    indices), not every one since the start."""
+    import gc
+    import weakref
+
+    widths = [12, 10, 6]
+    model = build_model(widths)
+    batches = make_batches(widths)
+    engine = make_engine("rigl", 0.7, model, schedule=dict(PRUNE_GROW, update_every=2, end=0.9))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    start(engine, model, batches, optimizer)
+    generations = []
+    for step in range(16):
+        changed = train_step(engine, model, optimizer, batches, step)
+        if changed:
+            generations.append(weakref.ref(engine.masks))
+    assert len(generations) >= 5
+    gc.collect()
+    alive = [ref() is not None for ref in generations]
+    assert alive[-1] and not any(alive[:-2]), alive

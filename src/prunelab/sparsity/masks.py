@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterable, Iterator, Mapping
 
 import torch
@@ -58,8 +59,10 @@ class Masks(Mapping[str, torch.Tensor]):
         # built a mask from its indices hands them over, which spares a search.
         self._kept: dict[str, torch.Tensor] = dict(kept_indices or {})
         # (base, {name: (dropped, grown)}): the flat indices where these masks differ from
-        # the masks ``base`` (see changes_from).
-        self._changes = (changes[0], dict(changes[1])) if changes is not None else None
+        # the masks ``base`` (see changes_from). A weak reference: masks built from masks
+        # built from masks... must not keep every earlier generation (and its cached
+        # factors) alive through a run of mask updates.
+        self._changes = (weakref.ref(changes[0]), dict(changes[1])) if changes is not None else None
         # Bumped by every ``masks[name] = ...``: a plan built on these masks (the engine's
         # per-step gradient masking) is stale once it differs.
         self.version = 0
@@ -97,7 +100,7 @@ class Masks(Mapping[str, torch.Tensor]):
         those that these masks keep and ``base`` does not, when the method that built these
         masks from ``base`` said so (an update that knows what it changed spares whole-layer
         comparisons); None otherwise."""
-        if self._changes is None or self._changes[0] is not base:
+        if self._changes is None or self._changes[0]() is not base:
             return None
         changes = self._changes[1]
         return changes if set(changes) == set(self._masks) else None
