@@ -55,5 +55,9 @@ def test_fill_leaves_a_tensor_that_requires_grad_to_torch():
     with torch.no_grad():
         indices.fill_(weight.view(-1), torch.tensor([1, 3]), 0.0)
     assert weight.tolist() == [1, 0, 1, 0, 1, 1]
+    with torch.no_grad():  # (a write autograd knows of)
+        before = weight._version
+        indices.fill_(weight.view(-1), torch.tensor([0]), 0.0)
+    assert weight._version > before
     with pytest.raises(RuntimeError):  # outside no_grad, torch refuses, as index_fill_ does
         indices.fill_(weight, torch.tensor([0]), 0.0)

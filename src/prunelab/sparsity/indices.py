@@ -35,10 +35,13 @@ def select(values: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
 
 
 def fill_(flat: torch.Tensor, index: torch.Tensor, value: float | bool) -> torch.Tensor:
-    """``flat[index] = value`` in place, for a 1-D contiguous ``flat`` (returned)."""
+    """``flat[index] = value`` in place, for a 1-D contiguous ``flat`` (returned). A
+    parameter (or a view of one) is written by torch, which records the write in its
+    version counter for autograd; numpy writes do not."""
     if not index.numel():
         return flat
-    if numpy_backed(flat, index) and flat.is_contiguous() and not flat.requires_grad:
+    base = flat._base if flat._base is not None else flat
+    if numpy_backed(flat, index) and flat.is_contiguous() and not base.requires_grad:
         flat.numpy()[index.numpy()] = value
     elif flat.dtype == torch.bool:
         flat[index.to(flat.device)] = bool(value)
