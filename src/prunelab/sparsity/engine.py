@@ -386,51 +386,36 @@ class SparsityEngine:
 
     def _plain_step(self, step: int) -> bool:
         """The common case of :meth:`before_optimizer_step`, in a few lookups: no update at
-        ``step``, the masks and the model's device those of the last step whose gradients
-        were masked. Masks the gradients and returns True then; False (nothing done) where
-        the full path has to decide (the first step, an update, a model that moved, a
+        ``step``, and the masks those of the last step whose gradients were masked. Masks
+        the gradients through the cached plan and returns True then; False (nothing done)
+        where the full path has to decide (the first step, an update, a model that moved, a
         gradient missing)."""
-        plan = self._grad_plan
-        if (
-            plan is None
-            or plan[0] is not self.masks
-            or plan[3] != self.masks.version
-            or self.method.is_update_step(step)
-        ):
+        plan = self._current_plan()
+        if plan is None or self.method.is_update_step(step) or not _multiply(plan[1], plan[2]):
             return False
-        params, factors = plan[1], plan[2]
-        if not factors:
-            self._restore = None
-            self._grads_masked = True
-            return True
-        targets = [p.grad for p in params]
-        for grad, factor in zip(targets, factors, strict=True):
-            if grad is None or grad.requires_grad or grad.device != factor.device:
-                return False
         self._restore = None
-        torch._foreach_mul_(targets, factors)
         self._grads_masked = True
         return True
+
+    def _current_plan(self) -> tuple[Masks, list[torch.Tensor], list[torch.Tensor], int] | None:
+        """The cached gradient-masking plan, if it was built on the masks in force, unchanged
+        since (the same object at the same version)."""
+        plan = self._grad_plan
+        if plan is None or plan[0] is not self.masks or plan[3] != self.masks.version:
+            return None
+        return plan
 
     def _mask_gradients(self, grads: dict[str, torch.Tensor | None]) -> None:
         """``self.masks.apply_(grads)``, through a list of parameters and mask factors kept
         while the masks are unchanged: this runs on every optimizer step, and the lookups
         per layer cost about as much as a small layer's multiplication."""
-        plan = self._grad_plan
-        if plan is None or plan[0] is not self.masks or plan[3] != self.masks.version:
+        plan = self._current_plan()
+        if plan is None:
             names, factors = self.masks.factors(self.params)
             params = [self.params[n] for n in names]
             plan = self._grad_plan = (self.masks, params, factors, self.masks.version)
-        _, params, factors, _ = plan
-        if not factors:
-            return
-        targets = [p.grad for p in params]
-        # (A gradient has its parameter's dtype and device, which the factors were cast to;
-        # _ensure_device renews the masks, and so this plan, when the model moves.)
-        if any(g is None or g.requires_grad for g in targets):
+        if not _multiply(plan[1], plan[2]):
             self.masks.apply_(grads)
-            return
-        torch._foreach_mul_(targets, factors)
 
     @torch.no_grad()
     def _after_update(
@@ -743,6 +728,19 @@ def _zero_optimizer_state(
         value.mul_(factor)
         if not bool(torch.isfinite(value.sum())):
             value.masked_fill_(positions, 0)
+
+
+def _multiply(params: list[torch.Tensor], factors: list[torch.Tensor]) -> bool:
+    """The gradients of ``params`` times ``factors``, in place, in one foreach call. False
+    (nothing done) where a gradient is missing, is part of a graph, or is not on its
+    factor's device (the model moved since the factors were cast)."""
+    targets = [p.grad for p in params]
+    for grad, factor in zip(targets, factors, strict=True):
+        if grad is None or grad.requires_grad or grad.device != factor.device:
+            return False
+    if targets:
+        torch._foreach_mul_(targets, factors)
+    return True
 
 
 def _fill_at(tensor: torch.Tensor, positions: torch.Tensor, value: float | bool) -> None:
